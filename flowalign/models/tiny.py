@@ -1,0 +1,187 @@
+"""Tiny random pipelines of the real architectures (SD3, FLUX, Wan), built from config, offline.
+
+Tokenizers are made in code: a small byte-level BPE vocabulary for CLIP (``CLIPTokenizer``) and a
+word-level ``tokenizers`` model wrapped as a T5 tokenizer. These pipelines exercise the real loading,
+encoding, sampling and saving code in tests and in users' smoke tests (``flowalign sample --model tiny-sd3``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from functools import lru_cache
+
+import torch
+
+#: words that get whole-word tokens; anything else falls back to characters
+WORDS = (
+    "a an the one two three four five of and to on in with left right above below next is are "
+    "red green blue yellow purple orange white black gray pink cyan brown "
+    "circle circles square squares triangle triangles star stars shape shapes cat dog photo picture "
+    "small big large tiny "
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+@lru_cache(maxsize=None)
+def clip_tokenizer_files(words: tuple[str, ...] = tuple(WORDS)) -> str:
+    """Write a CLIP BPE vocab.json/merges.txt to a temp dir and return the dir.
+
+    The vocabulary is every byte symbol (with and without the ``</w>`` end-of-word marker) plus one merge
+    chain per word, so listed words become single tokens.
+    """
+    chars = list(_bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    seen = set(vocab_list)
+    for w in words:
+        syms = list(w[:-1]) + [w[-1] + "</w>"]
+        cur = syms[0]
+        for s in syms[1:]:
+            merged = cur + s
+            if merged not in seen:
+                merges.append(f"{cur} {s}")
+                vocab_list.append(merged)
+                seen.add(merged)
+            cur = merged
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    d = tempfile.mkdtemp(prefix="flowalign-clip-tok-")
+    with open(os.path.join(d, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab_list)}, f)
+    with open(os.path.join(d, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return d
+
+
+def clip_tokenizer(model_max_length: int = 77):
+    """A ``CLIPTokenizer`` made locally (no hub)."""
+    from transformers import CLIPTokenizer
+
+    d = clip_tokenizer_files()
+    return CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"),
+                         model_max_length=model_max_length, pad_token="<|endoftext|>")
+
+
+def clip_vocab_size() -> int:
+    with open(os.path.join(clip_tokenizer_files(), "vocab.json")) as f:
+        return len(json.load(f))
+
+
+def t5_tokenizer(words=WORDS, model_max_length: int = 512):
+    """A word-level tokenizer wrapped as a T5 tokenizer (pad=0, eos=1, unk=2), made locally."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=model_max_length)
+
+
+def _clip_text_config(hidden: int = 32, layers: int = 2, projection: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=clip_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=4, projection_dim=projection,
+                          max_position_embeddings=77, bos_token_id=clip_vocab_size() - 2,
+                          eos_token_id=clip_vocab_size() - 1, pad_token_id=clip_vocab_size() - 1, hidden_act="gelu")
+
+
+def _t5_config(d_model: int = 32, cls_name: str = "T5Config"):
+    import transformers
+
+    cfg_cls = getattr(transformers, cls_name)
+    return cfg_cls(vocab_size=len(WORDS) + 8, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def tiny_sd3(seed: int = 0, with_t5: bool = True):
+    """Random ``StableDiffusion3Pipeline``: 2-layer transformer (patch 2), 2-level VAE (factor 2)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+                                        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32)
+    te1 = CLIPTextModelWithProjection(_clip_text_config())
+    te2 = CLIPTextModelWithProjection(_clip_text_config())
+    te3 = T5EncoderModel(_t5_config(64)) if with_t5 else None
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+                        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035, sample_size=32)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=te1, tokenizer=clip_tokenizer(), text_encoder_2=te2, tokenizer_2=clip_tokenizer(),
+        text_encoder_3=te3, tokenizer_3=t5_tokenizer() if with_t5 else None,
+    )
+
+
+def tiny_flux(seed: int = 0):
+    """Random ``FluxPipeline`` (guidance-distilled: guidance embedding on), VAE factor 2, packed 2x2 latents."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, out_channels=None, num_layers=1,
+                                         num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                         joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                                         axes_dims_rope=(4, 4, 8))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+                        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.1159, scaling_factor=0.3611, sample_size=32)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
+                                            base_shift=0.5, max_shift=1.15)
+    return FluxPipeline(transformer=transformer, scheduler=sched, vae=vae,
+                        text_encoder=CLIPTextModel(_clip_text_config(projection=32)), tokenizer=clip_tokenizer(),
+                        text_encoder_2=T5EncoderModel(_t5_config(32)), tokenizer_2=t5_tokenizer())
+
+
+def tiny_wan(seed: int = 0):
+    """Random ``WanPipeline`` (Wan 2.1 T2V layout) with a FlowMatch Euler scheduler (shift 3)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    return WanPipeline(tokenizer=t5_tokenizer(), text_encoder=UMT5EncoderModel(_t5_config(32, "UMT5Config")), vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
+
+
+TINY = {"tiny-sd3": tiny_sd3, "tiny-flux": tiny_flux, "tiny-wan": tiny_wan}
+
+#: native sampling sizes of the tiny pipelines (height, width, num_frames)
+TINY_SIZES = {"tiny-sd3": (32, 32, None), "tiny-flux": (32, 32, None), "tiny-wan": (16, 16, 5)}
+
+
+def build(name: str, seed: int = 0):
+    """Build a tiny pipeline by name (``tiny-sd3``, ``tiny-flux``, ``tiny-wan``)."""
+    if name not in TINY:
+        raise ValueError(f"Unknown tiny pipeline {name!r}; choose one of {sorted(TINY)}.")
+    return TINY[name](seed=seed)
