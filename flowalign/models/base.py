@@ -82,6 +82,9 @@ class FlowModel:
         self.pipe = pipe
         if dtype is not None or device is not None:
             pipe.to(device=device, dtype=dtype)
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()  # modules built from config start in train mode (T5 dropout)
         self.scheduler = copy.deepcopy(pipe.scheduler)
 
     # ----------------------------------------------------------------- properties
@@ -106,12 +109,23 @@ class FlowModel:
     def default_guidance_scale(self, value: float) -> None:
         self._default_guidance_scale = float(value)
 
+    #: (height, width, num_frames) overriding the pipeline's defaults (set for bundled models)
+    native_size: tuple[int, int, int | None] | None = None
+
     @property
     def default_size(self) -> tuple[int, int]:
         """Native (height, width) of the model."""
+        return tuple(self.native_size[:2]) if self.native_size else self.pipeline_default_size()
+
+    @property
+    def default_num_frames(self) -> int | None:
+        return self.native_size[2] if self.native_size else self.pipeline_default_num_frames()
+
+    def pipeline_default_size(self) -> tuple[int, int]:
         raise NotImplementedError
 
-    default_num_frames: int | None = None
+    def pipeline_default_num_frames(self) -> int | None:
+        return None
 
     @property
     def size_multiple(self) -> int:

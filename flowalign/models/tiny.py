@@ -181,7 +181,11 @@ TINY_SIZES = {"tiny-sd3": (32, 32, None), "tiny-flux": (32, 32, None), "tiny-wan
 
 
 def build(name: str, seed: int = 0):
-    """Build a tiny pipeline by name (``tiny-sd3``, ``tiny-flux``, ``tiny-wan``)."""
+    """Build a tiny pipeline by name (``tiny-sd3``, ``tiny-flux``, ``tiny-wan``), all modules in eval mode."""
     if name not in TINY:
         raise ValueError(f"Unknown tiny pipeline {name!r}; choose one of {sorted(TINY)}.")
-    return TINY[name](seed=seed)
+    pipe = TINY[name](seed=seed)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe

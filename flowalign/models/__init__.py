@@ -1,0 +1,113 @@
+"""Model adapters: one file per family, all fulfilling :class:`~flowalign.models.base.FlowModel`."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import torch
+
+from flowalign.models.base import Conditioning, FlowModel
+
+#: diffusers pipeline class name -> "module:Class" of the adapter
+FAMILIES = {
+    "StableDiffusion3Pipeline": "flowalign.models.sd3:SD3Model",
+    "FluxPipeline": "flowalign.models.flux:FluxModel",
+    "WanPipeline": "flowalign.models.wan:WanModel",
+}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def _adapter_for(class_name: str):
+    if class_name not in FAMILIES:
+        raise ValueError(
+            f"Unsupported pipeline class {class_name!r}; flowalign supports {sorted(FAMILIES)} "
+            "(SD3/SD3.5, FLUX.1, Wan 2.1)."
+        )
+    mod, cls = FAMILIES[class_name].split(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def _bundled(name: str):
+    from flowalign.models import tiny
+
+    if name in tiny.TINY:
+        return tiny.build(name), tiny.TINY_SIZES[name]
+    try:
+        from flowalign import zoo
+    except ImportError:
+        return None, None
+    loader = getattr(zoo, "load_pipeline", None)
+    return (loader(name), None) if loader is not None and name in getattr(zoo, "NAMES", ()) else (None, None)
+
+
+def bundled_names() -> list[str]:
+    from flowalign.models import tiny
+
+    names = list(tiny.TINY)
+    try:
+        from flowalign import zoo
+
+        names += list(getattr(zoo, "NAMES", ()))
+    except ImportError:
+        pass
+    return names
+
+
+def load_model(model, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+               **pipeline_kwargs) -> FlowModel:
+    """Wrap a model as a :class:`FlowModel`.
+
+    Args:
+        model: a bundled name (``tiny-sd3``, ``tiny-flux``, ``tiny-wan``, or a zoo world), a local diffusers
+            pipeline directory, a hub id (downloaded by diffusers), an existing diffusers pipeline, or a
+            FlowModel (returned as is).
+        device, dtype: where and in which precision to run (``"bfloat16"``, ``torch.float16`` ...).
+        pipeline_kwargs: passed to ``DiffusionPipeline.from_pretrained`` for directories and hub ids.
+    """
+    if isinstance(model, FlowModel):
+        return model
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}.")
+        dtype = _DTYPES[dtype]
+    sizes = None
+    if isinstance(model, str):
+        pipe, sizes = _bundled(model)
+        if pipe is None:
+            pipe = _load_pipeline(model, dtype, **pipeline_kwargs)
+    else:
+        pipe = model
+    adapter = _adapter_for(type(pipe).__name__)
+    fm = adapter(pipe, device=device, dtype=dtype)
+    if sizes is not None:
+        fm.native_size = sizes
+    return fm
+
+
+def _load_pipeline(path: str, dtype, **kwargs):
+    from diffusers import DiffusionPipeline
+
+    if os.path.isdir(path):
+        index = os.path.join(path, "model_index.json")
+        if not os.path.exists(index):
+            raise FileNotFoundError(f"{path!r} is a directory but has no model_index.json: not a diffusers pipeline.")
+        with open(index) as f:
+            class_name = json.load(f).get("_class_name", "?")
+        _adapter_for(class_name)  # fail early on unsupported families, before loading weights
+    elif os.path.sep in path and path.count("/") != 1 or path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"No model directory at {path!r}.")
+    elif "/" not in path:
+        raise ValueError(
+            f"Unknown model {path!r}: not a bundled name ({', '.join(bundled_names())}), "
+            "a local diffusers directory, or a hub id like 'stabilityai/stable-diffusion-3.5-medium'."
+        )
+    if dtype is not None:
+        kwargs.setdefault("torch_dtype", dtype)
+    return DiffusionPipeline.from_pretrained(path, **kwargs)
+
+
+__all__ = ["FlowModel", "Conditioning", "load_model", "FAMILIES", "bundled_names"]
