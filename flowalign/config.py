@@ -264,9 +264,8 @@ def _type_error(schema: type, data: DictConfig, e: Exception) -> ConfigError:
     value = OmegaConf.select(data, field_key, default=None, throw_on_missing=False)
     if found is None:
         return ConfigError(f"Invalid value for config key '{key}': {_first_line(e)}")
-    f, tp = found
+    tp, default = found
     expected = _type_name(tp)
-    default = _field_default(f)
     example = f"{field_key}={_yaml_value(default)}" if default is not None else f"{field_key}=<{expected}>"
     return ConfigError(
         f"Config key '{field_key}' expects {expected}, got {_plain(value)!r} ({_first_line(e)}). "
@@ -274,10 +273,13 @@ def _type_error(schema: type, data: DictConfig, e: Exception) -> ConfigError:
     )
 
 
-def _find_field(schema: type, dotted: str) -> tuple[dataclasses.Field, Any] | None:
-    """The dataclass Field and resolved type behind a dotted key, or None if there is none."""
-    parts = dotted.split(".")
+def _find_field(schema: type, dotted: str) -> tuple[Any, Any] | None:
+    """(resolved type, default) of the value behind a dotted key, or None if the schema has no such key.
+
+    A part after a ``dict[str, X]`` field is a dict key: its type is X and it has no default.
+    """
     current, result = schema, None
+    parts = dotted.split(".")
     i = 0
     while i < len(parts):
         if not _is_dataclass_type(current):
@@ -286,11 +288,13 @@ def _find_field(schema: type, dotted: str) -> tuple[dataclasses.Field, Any] | No
         if parts[i] not in fields:
             return None
         tp = typing.get_type_hints(current)[parts[i]]
-        result = (fields[parts[i]], tp)
+        result = (tp, _field_default(fields[parts[i]]))
         inner, _ = _unwrap_optional(tp)
         if typing.get_origin(inner) is dict and i + 1 < len(parts):
-            inner = typing.get_args(inner)[1] if typing.get_args(inner) else Any
-            i += 1  # the next part is a dict key, not a field
+            args = typing.get_args(inner)
+            inner = args[1] if len(args) == 2 else Any
+            result = (inner, None)
+            i += 1
         current = inner
         i += 1
     return result
@@ -341,6 +345,8 @@ def describe(schema_cls: type) -> str:
     rows = [("KEY", "TYPE", "DEFAULT", "HELP")] + list(_describe_rows(schema_cls, ""))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     doc = (schema_cls.__doc__ or "").strip().splitlines()
+    if doc and doc[0].startswith(schema_cls.__name__ + "("):
+        doc = []  # the signature dataclasses writes when there is no docstring
     lines = [doc[0], ""] if doc else []
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
@@ -413,7 +419,8 @@ def _yaml_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple, dict)):
-        return yaml.safe_dump(_plain(value), default_flow_style=True, width=10**6).strip()
+        plain = OmegaConf.to_container(OmegaConf.create({"v": value}))["v"]  # nested dataclasses too
+        return yaml.safe_dump(plain, default_flow_style=True, width=10**6).strip()
     return str(value)
 
 

@@ -68,6 +68,8 @@ def cps_mean_std(x, v, sigma, sigma_next, eta: float = 0.8, sigma_max=None) -> M
     """Coefficients-preserving sampling (Wang & Yu 2025): the noise level of x_next is exactly sigma_next.
 
     ``std = sigma_next sin(eta pi / 2)``; ``mean = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) eps_hat``.
+    The injected noise does not shrink with the step size, so unlike the SDEs above it is not a
+    discretisation of a marginal-preserving SDE: it is an exploration sampler for few-step RL rollouts.
     """
     s, sn = _bcast(sigma, x), _bcast(sigma_next, x)
     std = sn * math.sin(eta * math.pi / 2)
@@ -132,11 +134,12 @@ def step(
         log_prob_under_shifted_mean: score ``x_next`` under the shifted mean (True) or under the
             plain policy mean (False, Euphonium's default for rollouts).
     """
+    rule_fn = get_rule(rule)
     eta = DEFAULT_ETA[rule] if eta is None else float(eta)
     if eta < 0:
         raise ValueError(f"eta must be >= 0 (0 gives the ODE), got {eta}.")
     x32, v32 = x.float(), v.float()
-    mean, std = get_rule(rule)(x32, v32, sigma, sigma_next, eta=eta, sigma_max=sigma_max)
+    mean, std = rule_fn(x32, v32, sigma, sigma_next, eta=eta, sigma_max=sigma_max)
     shifted = mean if mean_shift is None else mean + mean_shift.float()
     if x_next is None:
         x_next = shifted if noise is None else shifted + std * noise.float()

@@ -221,8 +221,11 @@ class FlowModel:
     def save_lora(self, directory: str | os.PathLike) -> str:
         """Save the LoRA in the diffusers format (``pipe.load_lora_weights(directory)`` loads it)."""
         os.makedirs(directory, exist_ok=True)
+        # the adapter metadata carries lora_alpha, without which diffusers would assume alpha == rank
+        meta = self.transformer.peft_config["default"].to_dict()
+        meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
         type(self.pipe).save_lora_weights(str(directory), transformer_lora_layers=self.lora_state_dict(),
-                                          safe_serialization=True)
+                                          transformer_lora_adapter_metadata=meta, safe_serialization=True)
         return str(directory)
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:

@@ -80,20 +80,19 @@ def clip_vocab_size() -> int:
         return len(json.load(f))
 
 
+def t5_vocab(words=WORDS) -> list[tuple[str, float]]:
+    """T5's layout (pad=0, eos=1, unk=2, then pieces): whole words, with single letters as a fallback."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in dict.fromkeys(words)]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    return vocab
+
+
 def t5_tokenizer(words=WORDS, model_max_length: int = 512):
-    """A word-level tokenizer wrapped as a T5 tokenizer (pad=0, eos=1, unk=2), made locally."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    """A T5 tokenizer over a word-level unigram vocabulary made locally (no hub, no sentencepiece file)."""
     from transformers import T5TokenizerFast
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                           extra_ids=0, model_max_length=model_max_length)
+    return T5TokenizerFast(vocab=t5_vocab(words), extra_ids=0, model_max_length=model_max_length)
 
 
 def _clip_text_config(hidden: int = 32, layers: int = 2, projection: int = 32):
@@ -109,7 +108,7 @@ def _t5_config(d_model: int = 32, cls_name: str = "T5Config"):
     import transformers
 
     cfg_cls = getattr(transformers, cls_name)
-    return cfg_cls(vocab_size=len(WORDS) + 8, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+    return cfg_cls(vocab_size=len(t5_vocab()), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
                    relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
