@@ -1,8 +1,10 @@
 """flowalign: align diffusion/flow generators (SD3, FLUX, Wan) with rewards."""
 
+from flowalign import functional, rewards, sampling
 from flowalign.models import FlowModel, load_model
 from flowalign.sampling import Trajectory, log_prob, sample
 
 __version__ = "0.1.0"
 
-__all__ = ["FlowModel", "Trajectory", "load_model", "log_prob", "sample", "__version__"]
+__all__ = ["functional", "rewards", "sampling", "FlowModel", "Trajectory", "load_model", "log_prob", "sample",
+           "__version__"]

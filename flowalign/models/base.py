@@ -80,8 +80,9 @@ class FlowModel:
 
     def __init__(self, pipe, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         self.pipe = pipe
-        if dtype is not None or device is not None:
-            pipe.to(device=device, dtype=dtype)
+        current = pipe.transformer.dtype
+        if device is not None or (dtype is not None and dtype != current):
+            pipe.to(device=device, dtype=None if dtype == current else dtype)
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.eval()  # modules built from config start in train mode (T5 dropout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -36,7 +36,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def clip_tokenizer_files(words: tuple[str, ...] = tuple(WORDS)) -> str:
     """Write a CLIP BPE vocab.json/merges.txt to a temp dir and return the dir.
 
@@ -114,8 +114,12 @@ def _t5_config(d_model: int = 32, cls_name: str = "T5Config"):
 
 def tiny_sd3(seed: int = 0, with_t5: bool = True):
     """Random ``StableDiffusion3Pipeline``: 2-layer transformer (patch 2), 2-level VAE (factor 2)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -125,7 +129,8 @@ def tiny_sd3(seed: int = 0, with_t5: bool = True):
     te1 = CLIPTextModelWithProjection(_clip_text_config())
     te2 = CLIPTextModelWithProjection(_clip_text_config())
     te3 = T5EncoderModel(_t5_config(64)) if with_t5 else None
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4,
                         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0609, scaling_factor=1.5035, sample_size=32)
@@ -146,7 +151,8 @@ def tiny_flux(seed: int = 0):
                                          num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                                          joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
                                          axes_dims_rope=(4, 4, 8))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4,
                         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.1159, scaling_factor=0.3611, sample_size=32)

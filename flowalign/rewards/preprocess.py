@@ -50,7 +50,8 @@ def pad_to_aspect(images: torch.Tensor, aspect: float, value: float = 0.0) -> to
     return F.pad(images, (extra // 2, extra - extra // 2, 0, 0), value=value)
 
 
-def resize(images: torch.Tensor, size: int | Sequence[int], mode: str = "bicubic", fit: str = "crop") -> torch.Tensor:
+def resize(images: torch.Tensor, size: int | Sequence[int], mode: str = "bicubic",
+           fit: str = "crop") -> torch.Tensor:
     """Resize (B, C, H, W) to ``size`` keeping the aspect ratio by centre-cropping (``fit="crop"``, what CLIP
     processors do) or by zero-padding the short side (``fit="pad"``, HPSv2's letterbox)."""
     th, tw = _as_hw(size)
@@ -62,7 +63,8 @@ def resize(images: torch.Tensor, size: int | Sequence[int], mode: str = "bicubic
         raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}.")
     if tuple(images.shape[-2:]) == (th, tw):
         return images
-    # antialias only exists for (bi)linear/bicubic; it is what keeps downsampling from aliasing like PIL would not
+    # without antialias, a large downsample samples a few pixels (aliasing) where PIL and CLIP's processors
+    # average them; torch implements it for bilinear and bicubic only
     antialias = mode in ("bilinear", "bicubic")
     return F.interpolate(images, size=(th, tw), mode=mode, align_corners=False if antialias else None,
                          antialias=antialias)
@@ -76,7 +78,8 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 
 def resize_and_normalize(images: torch.Tensor, size: int | Sequence[int], mean: Sequence[float] = CLIP_MEAN,
-                         std: Sequence[float] = CLIP_STD, mode: str = "bicubic", fit: str = "crop") -> torch.Tensor:
+                         std: Sequence[float] = CLIP_STD, mode: str = "bicubic",
+                         fit: str = "crop") -> torch.Tensor:
     """Pixels in [0, 1] (B, C, H, W) at any resolution -> a model input of ``size``, differentiably.
 
     Computes in at least float32 (bf16 resizes are visibly lossy); float64 stays float64 so that

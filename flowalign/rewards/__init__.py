@@ -1,0 +1,20 @@
+"""Reward adapters: ``load(name_or_path, **kwargs)`` gives a ``Reward``, pixels in [0, 1] + prompts -> (B,).
+
+Registered names (``available()``): ``clip``, ``pickscore``, ``hps``, ``aesthetic``, ``imagereward``,
+``jpeg-compressibility``, ``jpeg-incompressibility``. Heavy model code is imported when a reward is built.
+"""
+
+from flowalign.rewards.aesthetic import AestheticMLP, LaionAesthetic
+from flowalign.rewards.base import MultiReward, Reward, available, check_scores, load, register
+from flowalign.rewards.clip import ClipBackbone, CLIPScore
+from flowalign.rewards.hps import HPSv2
+from flowalign.rewards.imagereward import ImageReward
+from flowalign.rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
+from flowalign.rewards.pickscore import PickScore
+from flowalign.rewards.preprocess import resize_and_normalize
+
+__all__ = [
+    "AestheticMLP", "CLIPScore", "ClipBackbone", "HPSv2", "ImageReward", "JpegCompressibility",
+    "JpegIncompressibility", "LaionAesthetic", "MultiReward", "PickScore", "Reward", "available",
+    "check_scores", "jpeg_size_kb", "load", "register", "resize_and_normalize",
+]
