@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from flowalign.cli import build_parser, main
+
+
+def test_help_is_complete(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ["sample", "demo", "models"]:
+        assert cmd in out
+    for cmd in ["sample", "demo", "models"]:
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert "usage: flowalign " + cmd in capsys.readouterr().out
+    # every option of `sample` carries a help string
+    sub = build_parser()._subparsers._group_actions[0].choices["sample"]
+    assert all(a.help for a in sub._actions)
+
+
+def test_sample_writes_images_and_settings(tmp_path):
+    out = tmp_path / "s"
+    rc = main(["sample", "--model", "tiny-sd3", "--prompt", "a red circle", "--prompt", "two blue squares",
+               "--steps", "3", "--sampler", "flow-sde", "--eta", "0.5", "--cfg", "3", "--seed", "1", "--out", str(out)])
+    assert rc == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["grid.png", "sample_000.png", "sample_001.png", "settings.json"]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["sampler"] == "flow-sde" and settings["eta"] == 0.5 and settings["guidance_scale"] == 3
+    assert settings["num_steps"] == 3 and len(settings["log_probs"]) == 2
+
+
+def test_sample_video_and_overrides(tmp_path):
+    out = tmp_path / "v"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: tiny-wan\nnum_steps: 5\nprompts: [a red circle]\n")
+    assert main(["sample", "--config", str(cfg), "--out", str(out), "num_steps=2"]) == 0
+    assert (out / "sample_000.gif").exists()
+    assert json.loads((out / "settings.json").read_text())["num_steps"] == 2
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["sample", "--model", "tiny-sd3"], "No prompts"),
+    (["sample", "--prompt", "x", "--sampler", "euler"], "sampler"),
+    (["sample", "--prompt", "x", "--eta", "-1"], "eta"),
+    (["sample", "--prompt", "x", "--height", "30"], "multiple"),
+    (["sample", "--prompt", "x", "nmu_steps=3"], "num_steps"),
+    (["sample", "--prompt", "x", "--model", "nope"], "Unknown model"),
+])
+def test_bad_input_gives_a_clear_error(tmp_path, capsys, argv, msg):
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_demo_runs(tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2"]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary["samplers"]) == {"ode", "flow-sde", "dance-sde", "cps"}
+    assert summary["samplers"]["flow-sde"]["max_abs_ratio_minus_1"] < 1e-5
+    assert (tmp_path / "demo" / "cps" / "grid.png").exists()
