@@ -106,7 +106,7 @@ class FluxModel(FlowModel):
         gs = self.guidance_or_default(guidance_scale)
         b, _, h, w = x.shape
         dtype = self.dtype
-        tokens = self.pack(x.to(dtype))
+        tokens = self.pack(x.to(dtype).contiguous())
         img_ids = type(self.pipe)._prepare_latent_image_ids(b, h // 2, w // 2, x.device, dtype)
         # as the pipeline computes it: t = sigma * 1000 in fp32, cast to the latents' dtype, then / 1000
         timestep = self.timestep(sigma, b).to(dtype) / 1000

@@ -127,7 +127,7 @@ class WanModel(FlowModel):
         z = latents.to(vae.device, vae.dtype)
         mean, inv_std = self._latents_stats(z)
         video = vae.decode(z / inv_std + mean, return_dict=False)[0]
-        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
 
     def encode_images(self, pixels, generator=None) -> torch.Tensor:
         """``(B, F, 3, H, W)`` video (or ``(B, 3, H, W)`` images, as one frame) in [0, 1] -> normalised latents."""
