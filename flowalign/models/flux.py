@@ -16,6 +16,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
 from flowalign.models.base import Conditioning, FlowModel
+from flowalign.models.vae import decode_kl, encode_kl
 
 
 class FluxModel(FlowModel):
@@ -128,16 +129,10 @@ class FluxModel(FlowModel):
         return self.unpack(out, h, w).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(z, return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return decode_kl(self.pipe.vae, latents)
 
     def encode_images(self, pixels, generator=None) -> torch.Tensor:
-        vae = self.pipe.vae
-        dist = vae.encode((pixels * 2 - 1).to(vae.device, vae.dtype)).latent_dist
-        z = dist.mode() if generator is None else dist.sample(generator)
-        return ((z - vae.config.shift_factor) * vae.config.scaling_factor).float()
+        return encode_kl(self.pipe.vae, pixels, generator)
 
     def noise(self, batch_size, height=None, width=None, num_frames=None, generator=None) -> torch.Tensor:
         # the same draw as FluxPipeline.prepare_latents (before packing), so one generator gives one sample

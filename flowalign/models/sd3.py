@@ -7,6 +7,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from diffusers.utils.torch_utils import randn_tensor
 
 from flowalign.models.base import Conditioning, FlowModel
+from flowalign.models.vae import decode_kl, encode_kl
 
 
 class SD3Model(FlowModel):
@@ -68,16 +69,10 @@ class SD3Model(FlowModel):
         return out.float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(z, return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return decode_kl(self.pipe.vae, latents)
 
     def encode_images(self, pixels, generator=None) -> torch.Tensor:
-        vae = self.pipe.vae
-        dist = vae.encode((pixels * 2 - 1).to(vae.device, vae.dtype)).latent_dist
-        z = dist.mode() if generator is None else dist.sample(generator)
-        return ((z - vae.config.shift_factor) * vae.config.scaling_factor).float()
+        return encode_kl(self.pipe.vae, pixels, generator)
 
     def latent_shape(self, batch_size, height, width, num_frames=None):
         f = self.vae_scale_factor
