@@ -42,6 +42,40 @@ def _sample_parser(sub) -> None:
     p.set_defaults(func=cmd_sample)
 
 
+def _eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="Score a model's samples with a reward, per prompt category; writes a grid.",
+                       description="Sample prompts with fixed seeds, score them with a reward and print the mean per "
+                                   "category. Without --prompts-file the prompts are the shapes world's (balanced "
+                                   "over single/counting/colors/position) and the categories are reported.")
+    e.add_argument("--model", default="shapes-sd3", help="Model to evaluate (default shapes-sd3).")
+    e.add_argument("--reward", default="shapes-geneval", help="Reward name or module:Class (default shapes-geneval).")
+    e.add_argument("--split", default="test", choices=["train", "test"], help="shapes split (default test).")
+    e.add_argument("--n", type=int, default=25, help="Prompts per category (default 25).")
+    e.add_argument("--prompts-file", help="Evaluate these prompts (one per line) instead of the shapes prompts.")
+    e.add_argument("--steps", type=int, default=20, help="Sampling steps (default 20).")
+    e.add_argument("--sampler", default="ode", help="Sampler (default ode).")
+    e.add_argument("--cfg", type=float, dest="guidance_scale", help="Guidance scale (default: the model's own).")
+    e.add_argument("--seed", type=int, default=0, help="Seed for prompts and noise (default 0).")
+    e.add_argument("--out", default="out/eval", help="Where to write grid.png and eval.json (default out/eval).")
+    e.set_defaults(func=cmd_eval)
+
+
+def _zoo_parser(sub) -> None:
+    z = sub.add_parser("zoo", help="The bundled worlds: rebuild them from fixed seeds, or show where they are.",
+                       description="`flowalign zoo build` retrains the bundled shapes world (shapes-clip, then the "
+                                   "VAE and shapes-sd3) from fixed seeds; `flowalign zoo path NAME` prints a folder.")
+    zs = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
+    b = zs.add_parser("build", help="Rebuild bundled artefacts (about 40 minutes on 2 CPU cores).",
+                      description="Rebuild the bundled shapes world from fixed seeds, with progress bars.")
+    b.add_argument("--only", choices=["shapes-clip", "shapes-sd3"], help="Build one artefact only.")
+    b.add_argument("--out", help="Write into this folder instead of the package's zoo/weights.")
+    b.set_defaults(func=cmd_zoo_build)
+    pth = zs.add_parser("path", help="Print the folder of a bundled artefact.",
+                        description="Print the folder of a bundled artefact (shapes-sd3 or shapes-clip).")
+    pth.add_argument("name", help="shapes-sd3 or shapes-clip")
+    pth.set_defaults(func=cmd_zoo_path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flowalign import __version__
 
@@ -58,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="Output directory (default runs/demo).")
     d.add_argument("--steps", type=int, default=12, help="Sampling steps (default 12).")
     d.set_defaults(func=cmd_demo)
+    _eval_parser(sub)
+    _zoo_parser(sub)
     m = sub.add_parser("models", help="List the bundled models and supported families.",
                        description="List bundled model names and the diffusers pipelines flowalign wraps.")
     m.set_defaults(func=cmd_models)
@@ -134,6 +170,45 @@ def cmd_demo(args) -> int:
     from flowalign.demo import run_demo
 
     run_demo(args.out, num_steps=args.steps)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import flowalign as fa
+    from flowalign.evaluation import evaluate, format_table, shapes_prompts, write_report
+
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.exists():
+            raise FileNotFoundError(f"prompts file not found: {path}")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        categories = None
+    else:
+        prompts, categories = shapes_prompts(args.split, args.n, args.seed)
+    reward = fa.rewards.load(args.reward)
+    model = fa.load_model(args.model, device=_device(None))
+    result = evaluate(model, reward, prompts, categories, num_steps=args.steps, sampler=args.sampler,
+                      guidance_scale=args.guidance_scale, seed=args.seed, return_images=True)
+    out = write_report(result, prompts, args.out, title=f"{args.model} / {args.reward} / {args.split}")
+    print(f"{args.model}, reward {args.reward}, {len(prompts)} prompts ({args.split}), {args.steps} {args.sampler} "
+          f"steps:")
+    print(format_table(result))
+    print(f"wrote {out / 'grid.png'} and {out / 'eval.json'}")
+    return 0
+
+
+def cmd_zoo_build(args) -> int:
+    from flowalign.zoo.build_shapes import build
+
+    kwargs = {"out_root": Path(args.out)} if args.out else {}
+    build(only=args.only, **kwargs)
+    return 0
+
+
+def cmd_zoo_path(args) -> int:
+    from flowalign import zoo
+
+    print(zoo.path(args.name))
     return 0
 
 

@@ -32,29 +32,31 @@ def _adapter_for(class_name: str):
 
 
 def _bundled(name: str):
+    """(pipeline, flowalign settings) for a bundled name, or (None, None)."""
+    from flowalign import zoo
     from flowalign.models import tiny
 
     if name in tiny.TINY:
-        return tiny.build(name), tiny.TINY_SIZES[name]
-    try:
-        from flowalign import zoo
-    except ImportError:
-        return None, None
-    loader = getattr(zoo, "load_pipeline", None)
-    return (loader(name), None) if loader is not None and name in getattr(zoo, "NAMES", ()) else (None, None)
+        h, w, f = tiny.TINY_SIZES[name]
+        return tiny.build(name), {"native_size": [h, w, f]}
+    if name == "shapes-sd3":
+        return zoo.load_pipeline(name), zoo.settings(name)
+    return None, None
 
 
 def bundled_names() -> list[str]:
     from flowalign.models import tiny
 
-    names = list(tiny.TINY)
-    try:
-        from flowalign import zoo
+    return [*tiny.TINY, "shapes-sd3"]
 
-        names += list(getattr(zoo, "NAMES", ()))
-    except ImportError:
-        pass
-    return names
+
+def read_settings(directory: str) -> dict:
+    """flowalign's settings saved beside a pipeline (``flowalign.json``), if any."""
+    f = os.path.join(directory, "flowalign.json")
+    if not os.path.exists(f):
+        return {}
+    with open(f) as fh:
+        return json.load(fh)
 
 
 def load_model(model, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
@@ -74,18 +76,16 @@ def load_model(model, device: str | torch.device | None = None, dtype: str | tor
         if dtype not in _DTYPES:
             raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}.")
         dtype = _DTYPES[dtype]
-    sizes = None
+    settings = {}
     if isinstance(model, str):
-        pipe, sizes = _bundled(model)
+        pipe, settings = _bundled(model)
         if pipe is None:
             pipe = _load_pipeline(model, dtype, **pipeline_kwargs)
+            settings = read_settings(model) if os.path.isdir(model) else {}
     else:
         pipe = model
     adapter = _adapter_for(type(pipe).__name__)
-    fm = adapter(pipe, device=device, dtype=dtype)
-    if sizes is not None:
-        fm.native_size = sizes
-    return fm
+    return adapter(pipe, device=device, dtype=dtype).configure(settings or {})
 
 
 def _load_pipeline(path: str, dtype, **kwargs):

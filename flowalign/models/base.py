@@ -9,6 +9,7 @@ prediction ``eps - x0`` in fp32, and ``decode`` returns differentiable pixels in
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -87,6 +88,25 @@ class FlowModel:
             if isinstance(component, torch.nn.Module):
                 component.eval()  # modules built from config start in train mode (T5 dropout)
         self.scheduler = copy.deepcopy(pipe.scheduler)
+
+    def configure(self, settings: dict) -> FlowModel:
+        """Apply flowalign's saved settings (``flowalign.json``): native size, default CFG, text length."""
+        if "native_size" in settings:
+            size = list(settings["native_size"]) + [None] * (3 - len(settings["native_size"]))
+            self.native_size = tuple(size[:3])
+        if "guidance_scale" in settings:
+            self.default_guidance_scale = settings["guidance_scale"]
+        if "max_sequence_length" in settings and hasattr(self, "max_sequence_length"):
+            self.max_sequence_length = int(settings["max_sequence_length"])
+        return self
+
+    def settings(self) -> dict:
+        """The settings :meth:`configure` reads, for saving beside the weights."""
+        out = {"native_size": list(self.default_size) + [self.default_num_frames],
+               "guidance_scale": self.default_guidance_scale}
+        if hasattr(self, "max_sequence_length"):
+            out["max_sequence_length"] = self.max_sequence_length
+        return out
 
     # ----------------------------------------------------------------- properties
     @property
@@ -241,6 +261,8 @@ class FlowModel:
                     module.merge()
             pipe.transformer.unload_lora()
         pipe.save_pretrained(str(directory), safe_serialization=True)
+        with open(os.path.join(directory, "flowalign.json"), "w") as f:
+            json.dump(self.settings(), f, indent=2)
         return str(directory)
 
     def __repr__(self) -> str:

@@ -1,7 +1,8 @@
 """Reward adapters: ``load(name_or_path, **kwargs)`` gives a ``Reward``, pixels in [0, 1] + prompts -> (B,).
 
 Registered names (``available()``): ``clip``, ``pickscore``, ``hps``, ``aesthetic``, ``imagereward``,
-``jpeg-compressibility``, ``jpeg-incompressibility``. Heavy model code is imported when a reward is built.
+``jpeg-compressibility``, ``jpeg-incompressibility``,
+``shapes-clip``, ``shapes-geneval``. Heavy model code is imported when a reward is built.
 """
 
 from flowalign.rewards.aesthetic import AestheticMLP, LaionAesthetic
@@ -12,9 +13,10 @@ from flowalign.rewards.imagereward import ImageReward
 from flowalign.rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 from flowalign.rewards.pickscore import PickScore
 from flowalign.rewards.preprocess import resize_and_normalize
+from flowalign.rewards.shapes_clip import ShapesClip
 
 __all__ = [
     "AestheticMLP", "CLIPScore", "ClipBackbone", "HPSv2", "ImageReward", "JpegCompressibility",
-    "JpegIncompressibility", "LaionAesthetic", "MultiReward", "PickScore", "Reward", "available",
+    "JpegIncompressibility", "LaionAesthetic", "MultiReward", "PickScore", "Reward", "ShapesClip", "available",
     "check_scores", "jpeg_size_kb", "load", "register", "resize_and_normalize",
 ]
