@@ -86,11 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flowalign {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _sample_parser(sub)
-    d = sub.add_parser("demo", help="The main job on the bundled default: sample and write pictures.",
-                       description="Run the bundled demo: sample the default model with every sampler, record "
-                                   "log-probs, and write pictures and a summary to --out.")
+    d = sub.add_parser("demo", help="The main job on the bundled default: sample, verify and write pictures.",
+                       description="Run the bundled demo: sample shapes-sd3 on held-out prompts with every sampler, "
+                                   "score with the exact verifier and the CLIP proxy, check log-probs, and write "
+                                   "grids and a summary to --out.")
     d.add_argument("--out", default="runs/demo", help="Output directory (default runs/demo).")
-    d.add_argument("--steps", type=int, default=12, help="Sampling steps (default 12).")
+    d.add_argument("--steps", type=int, default=20, help="Sampling steps (default 20).")
+    d.add_argument("--model", default="shapes-sd3", help="Model (default shapes-sd3).")
+    d.add_argument("--per-category", type=int, default=8, help="Prompts per category (default 8).")
     d.set_defaults(func=cmd_demo)
     _eval_parser(sub)
     _zoo_parser(sub)
@@ -169,7 +172,7 @@ def cmd_sample(args) -> int:
 def cmd_demo(args) -> int:
     from flowalign.demo import run_demo
 
-    run_demo(args.out, num_steps=args.steps)
+    run_demo(args.out, num_steps=args.steps, model_name=args.model, per_category=args.per_category)
     return 0
 
 

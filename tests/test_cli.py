@@ -55,8 +55,9 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys, argv, msg):
 
 
 def test_demo_runs(tmp_path):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--per-category", "1"]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["samplers"]) == {"ode", "flow-sde", "dance-sde", "cps"}
-    assert summary["samplers"]["flow-sde"]["max_abs_ratio_minus_1"] < 1e-5
-    assert (tmp_path / "demo" / "cps" / "grid.png").exists()
+    assert summary["samplers"]["flow-sde"]["on_policy_max_abs_ratio_minus_1"] < 1e-5
+    assert 0 <= summary["samplers"]["ode"]["verifier_accuracy"]["overall"] <= 1
+    assert (tmp_path / "demo" / "cps.png").exists()

@@ -47,7 +47,7 @@ def _bundled(name: str):
 def bundled_names() -> list[str]:
     from flowalign.models import tiny
 
-    return [*tiny.TINY, "shapes-sd3"]
+    return [*tiny.TINY, "shapes-sd3", "toy2d"]
 
 
 def read_settings(directory: str) -> dict:
@@ -72,6 +72,10 @@ def load_model(model, device: str | torch.device | None = None, dtype: str | tor
     """
     if isinstance(model, FlowModel):
         return model
+    if isinstance(model, str) and model == "toy2d":
+        from flowalign.zoo.toy2d import load_toy2d
+
+        return load_toy2d(device=device, dtype=dtype)
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}.")

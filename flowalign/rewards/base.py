@@ -17,6 +17,8 @@ from torch import nn
 from flowalign.utils import as_prompt_list
 
 _REGISTRY: dict[str, type] = {}
+#: name prefixes registered by modules outside flowalign.rewards, imported on first use
+_LAZY = {"toy2d-": "flowalign.zoo.toy2d"}
 
 
 def check_scores(scores, n: int, name: str) -> torch.Tensor:
@@ -136,6 +138,9 @@ def load(name_or_path, **kwargs) -> Reward:
         return name_or_path
     if not isinstance(name_or_path, str):
         raise TypeError(f"A reward is a name, a 'module:Class' path or a Reward; got {name_or_path!r}.")
+    for prefix, module in _LAZY.items():
+        if name_or_path.startswith(prefix) and name_or_path not in _REGISTRY:
+            importlib.import_module(module)  # registers the names it defines
     if ":" in name_or_path:
         factory = _import_path(name_or_path)
     elif name_or_path in _REGISTRY:
@@ -184,7 +189,7 @@ class MultiReward(Reward):
 
     def scores(self, images, prompts=None) -> dict[str, torch.Tensor]:
         """Each component's unweighted (B,) scores."""
-        self.check_inputs(images, prompts)
+        next(iter(self.components.values())).check_inputs(images, prompts)  # the components' own input rules
         return {n: r(images, prompts) for n, r in self.components.items()}
 
     def forward(self, images, prompts=None, weights: dict[str, float] | None = None) -> torch.Tensor:

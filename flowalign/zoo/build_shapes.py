@@ -49,6 +49,7 @@ class BuildConfig:
     caption_dropout: float = 0.1
     guidance_scale: float = 4.0
     threads: int = 1
+    retrieval_n: int = 50  # held-out images per category for the CLIP retrieval report
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -278,7 +279,7 @@ def build(only: str | None = None, cfg: BuildConfig | None = None, out_root: Pat
         report["clip"] = train_clip(cfg, images, captions, tmp)
         _replace(tmp, clip_dir)
         report["clip"]["seconds"] = time.perf_counter() - t
-        report["clip"]["retrieval_test"] = clip_retrieval_accuracy(clip_dir)
+        report["clip"]["retrieval_test"] = clip_retrieval_accuracy(clip_dir, n_per_category=cfg.retrieval_n)
         print("shapes-clip:", json.dumps(report["clip"]))
     if only in (None, "shapes-sd3"):
         if not (clip_dir / "config.json").exists():
