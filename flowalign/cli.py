@@ -67,7 +67,8 @@ def _zoo_parser(sub) -> None:
     zs = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
     b = zs.add_parser("build", help="Rebuild bundled artefacts (about 40 minutes on 2 CPU cores).",
                       description="Rebuild the bundled shapes world from fixed seeds, with progress bars.")
-    b.add_argument("--only", choices=["shapes-clip", "shapes-sd3"], help="Build one artefact only.")
+    b.add_argument("--only", choices=["shapes-clip", "shapes-sd3", "toy2d"],
+                   help="Build one artefact only (shapes-sd3 reuses the built shapes-clip).")
     b.add_argument("--out", help="Write into this folder instead of the package's zoo/weights.")
     b.set_defaults(func=cmd_zoo_build)
     pth = zs.add_parser("path", help="Print the folder of a bundled artefact.",

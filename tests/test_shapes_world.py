@@ -63,9 +63,10 @@ def test_build_script_runs_end_to_end_on_a_tiny_budget(tmp_path):
     from flowalign.zoo.build_shapes import BuildConfig, build
 
     cfg = BuildConfig(n_train_images=128, clip_steps=2, clip_batch=16, vae_steps=2, vae_batch=8, sd3_steps=2,
-                      sd3_batch=8, retrieval_n=2)
+                      sd3_batch=8, retrieval_n=2, toy2d_steps=2)
     report = build(cfg=cfg, out_root=tmp_path)
-    assert {"clip", "vae", "sd3"} <= set(report)
+    assert {"toy2d", "clip", "vae", "sd3"} <= set(report)
+    assert fa.load_model("toy2d").__class__.__name__ == "Toy2DModel"
     model = fa.load_model(str(tmp_path / "shapes-sd3"))
     assert model.default_size == (32, 32) and model.max_sequence_length == 0
     assert fa.sample(model, ["a red circle"], num_steps=2).images.shape == (1, 3, 32, 32)

@@ -13,6 +13,7 @@ from flowalign.rewards.imagereward import ImageReward
 from flowalign.rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 from flowalign.rewards.pickscore import PickScore
 from flowalign.rewards.preprocess import resize_and_normalize
+from flowalign.rewards.shapes import ShapesVerifier  # noqa: F401  (registers "shapes-geneval")
 from flowalign.rewards.shapes_clip import ShapesClip
 
 __all__ = [

@@ -1,6 +1,6 @@
-"""Reproduce the bundled shapes world from fixed seeds: ``flowalign zoo build [--only NAME]``.
+"""Reproduce the bundled worlds from fixed seeds: ``flowalign zoo build [--only NAME]``.
 
-Three stages, each a few minutes on 2 CPU cores:
+toy2d (see :mod:`flowalign.zoo.toy2d`, about 2 minutes), then the shapes world in three stages:
 
 1. ``shapes-clip``: a tiny transformers ``CLIPModel`` trained contrastively (symmetric InfoNCE) on renders and
    captions, with the same pixel preprocessing as the CLIP rewards.
@@ -49,6 +49,7 @@ class BuildConfig:
     caption_dropout: float = 0.1
     guidance_scale: float = 4.0
     threads: int = 1
+    toy2d_steps: int = 4000
     retrieval_n: int = 50  # held-out images per category for the CLIP retrieval report
 
 
@@ -262,14 +263,28 @@ def train_sd3(cfg: BuildConfig, images: torch.Tensor, captions: list[str], vae, 
 
 
 # ----------------------------------------------------------------------------- driver
+ARTEFACTS = ("shapes-clip", "shapes-sd3", "toy2d")
+
+
 def build(only: str | None = None, cfg: BuildConfig | None = None, out_root: Path = WEIGHTS) -> dict:
-    """Build the shapes world (all of it, or ``only`` one of 'shapes-clip', 'shapes-sd3')."""
+    """Build every bundled artefact, or ``only`` one of :data:`ARTEFACTS` (shapes-sd3 needs shapes-clip)."""
     cfg = cfg or BuildConfig()
-    if only not in (None, "shapes-clip", "shapes-sd3"):
-        raise ValueError(f"--only must be one of shapes-clip, shapes-sd3; got {only!r}.")
+    if only not in (None, *ARTEFACTS):
+        raise ValueError(f"--only must be one of {', '.join(ARTEFACTS)}; got {only!r}.")
     torch.set_num_threads(cfg.threads)
     report: dict = {"config": asdict(cfg)}
     t0 = time.perf_counter()
+    if only in (None, "toy2d"):
+        from flowalign.zoo import toy2d
+
+        t = time.perf_counter()
+        model = toy2d.train_toy2d(steps=cfg.toy2d_steps, seed=cfg.seed)
+        dest = out_root / "toy2d_model.safetensors" if out_root != WEIGHTS else Path(toy2d.WEIGHTS)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        toy2d.save_weights(model, str(dest))
+        report["toy2d"] = {"seconds": time.perf_counter() - t, "path": str(dest)}
+        if only == "toy2d":
+            return report
     images, captions, _ = sd.dataset(cfg.n_train_images, "train", seed=cfg.seed, size=cfg.size)
     report["render_seconds"] = time.perf_counter() - t0
     clip_dir = out_root / "shapes-clip"
