@@ -2,9 +2,11 @@
 
 from flowalign import functional, rewards, sampling
 from flowalign.models import FlowModel, load_model
-from flowalign.sampling import Trajectory, log_prob, sample
+from flowalign.sampling import Trajectory, guidance, log_prob, sample, search
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "rewards", "sampling", "FlowModel", "Trajectory", "load_model", "log_prob", "sample",
-           "__version__"]
+__all__ = [
+    "functional", "guidance", "rewards", "sampling", "search", "FlowModel", "Trajectory", "load_model", "log_prob",
+    "sample", "__version__",
+]

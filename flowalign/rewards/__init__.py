@@ -11,6 +11,7 @@ from flowalign.rewards.clip import ClipBackbone, CLIPScore
 from flowalign.rewards.hps import HPSv2
 from flowalign.rewards.imagereward import ImageReward
 from flowalign.rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
+from flowalign.rewards.latent import LatentReward
 from flowalign.rewards.pickscore import PickScore
 from flowalign.rewards.preprocess import resize_and_normalize
 from flowalign.rewards.shapes import ShapesVerifier  # noqa: F401  (registers "shapes-geneval")
@@ -18,6 +19,6 @@ from flowalign.rewards.shapes_clip import ShapesClip
 
 __all__ = [
     "AestheticMLP", "CLIPScore", "ClipBackbone", "HPSv2", "ImageReward", "JpegCompressibility",
-    "JpegIncompressibility", "LaionAesthetic", "MultiReward", "PickScore", "Reward", "ShapesClip", "available",
-    "check_scores", "jpeg_size_kb", "load", "register", "resize_and_normalize",
+    "JpegIncompressibility", "LaionAesthetic", "LatentReward", "MultiReward", "PickScore", "Reward", "ShapesClip",
+    "available", "check_scores", "jpeg_size_kb", "load", "register", "resize_and_normalize",
 ]

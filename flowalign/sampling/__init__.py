@@ -1,5 +1,7 @@
 """Sampling: the loop and its trajectory record."""
 
+from flowalign.sampling import guidance, search  # noqa: E402, F401
+from flowalign.sampling.guidance import RewardGuidance  # noqa: E402, F401
 from flowalign.sampling.sampler import (  # noqa: F401
     SAMPLERS,
     GuidanceOutput,
@@ -9,3 +11,4 @@ from flowalign.sampling.sampler import (  # noqa: F401
     sample,
     sde_mask,
 )
+from flowalign.sampling.search import SearchResult, best_of_n, prune_search  # noqa: E402, F401
