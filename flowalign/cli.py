@@ -35,6 +35,10 @@ def _sample_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="Random seed (default 0).")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available).")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default float32).")
+    p.add_argument("--guide", action="append", metavar="REWARD[=WEIGHT]",
+                   help="Reward-gradient guidance by a differentiable reward (repeat for several objectives).")
+    p.add_argument("--guide-scale", type=float, help="Guidance strength (default 1).")
+    p.add_argument("--guide-mode", help="nrg (Flow-NRG, any sampler) or euphonium (SDE drift) (default nrg).")
     p.add_argument("--video-format", default="gif", choices=["gif", "mp4"], help="Container for videos.")
     p.add_argument("--out", help="Output directory (default out/samples).")
     p.add_argument("--help-config", action="store_true", help="List every config key with its help and exit.")
@@ -110,8 +114,21 @@ def _sample_config(args):
     keys = ["model", "prompts", "prompts_file", "num_steps", "sampler", "eta", "guidance_scale", "height", "width",
             "num_frames", "num_images_per_prompt", "seed", "device", "dtype", "out"]
     flags = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.guide:
+        flags["guide"] = dict(_parse_guide(g) for g in args.guide)
+    for k in ("guide_scale", "guide_mode"):
+        if getattr(args, k) is not None:
+            flags[k] = getattr(args, k)
     cfg = load_config(SampleConfig, args.config, list(args.overrides))
     return load_config(SampleConfig, {**_as_dict(cfg), **flags})
+
+
+def _parse_guide(text: str) -> tuple[str, float]:
+    name, _, weight = text.partition("=")
+    try:
+        return name, float(weight) if weight else 1.0
+    except ValueError:
+        raise ValueError(f"--guide expects REWARD or REWARD=WEIGHT (e.g. shapes-clip=1.0), got {text!r}.") from None
 
 
 def _as_dict(cfg) -> dict:
@@ -153,21 +170,38 @@ def cmd_sample(args) -> int:
     prompts = _read_prompts(cfg)
     model = fa.load_model(cfg.model, device=_device(cfg.device), dtype=cfg.dtype)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    guide = None
+    if cfg.guide:
+        guide = fa.guidance.RewardGuidance(dict(cfg.guide), scale=cfg.guide_scale, mode=cfg.guide_mode,
+                                           normalize=cfg.guide_normalize)
     t0 = time.perf_counter()
     traj = fa.sample(model, prompts, num_steps=cfg.num_steps, sampler=cfg.sampler, eta=cfg.eta,
                      guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
                      num_frames=cfg.num_frames, num_images_per_prompt=cfg.num_images_per_prompt, generator=gen,
-                     progress=True)
+                     guidance=guide, progress=True)
     seconds = time.perf_counter() - t0
-    paths = save_samples(traj.images, cfg.out, video_format=args.video_format)
+    if traj.images.ndim == 2:  # toy2d: points, not pictures
+        paths = _save_points(traj, cfg.out)
+    else:
+        paths = save_samples(traj.images, cfg.out, video_format=args.video_format)
     record = {"model": cfg.model, "family": model.family, "prompts": traj.prompts, "seed": cfg.seed,
               "dtype": cfg.dtype, "device": str(model.device), **traj.settings(), "seconds": round(seconds, 3),
+              "guide": dict(cfg.guide), "guide_scale": cfg.guide_scale, "guide_mode": cfg.guide_mode,
               "files": [Path(p).name for p in paths]}
     if traj.log_probs is not None:
         record["log_probs"] = traj.log_probs.tolist()
     Path(cfg.out, "settings.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {len(paths)} sample(s), grid.png and settings.json to {cfg.out} ({seconds:.1f}s)")
     return 0
+
+
+def _save_points(traj, out: str) -> list[str]:
+    from flowalign.zoo.toy2d import plot
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    Path(out, "points.json").write_text(json.dumps({"prompts": traj.prompts, "points": traj.images.tolist()}))
+    plot(traj.images, path=str(Path(out, "grid.png")))
+    return [str(Path(out, "points.json"))]
 
 
 def cmd_demo(args) -> int:

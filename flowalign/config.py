@@ -112,9 +112,16 @@ class SampleConfig:
     out: str = field("out/samples", "Output directory for images/videos and the config used.")
     device: str | None = field(None, "Torch device (cuda, cuda:1, cpu); null = cuda if available, else cpu.")
     dtype: str = field("float32", "Weight dtype (the sampler maths always runs in fp32).", choices=DTYPES)
+    guide: dict[str, float] = field({}, "Reward-gradient guidance: {reward name: weight}, e.g. "
+                                        "guide='{shapes-clip: 1.0}'; empty = no guidance.")
+    guide_scale: float = field(1.0, "Guidance strength (a positive scale raises the reward).")
+    guide_mode: str = field("nrg", "nrg (Flow-NRG velocity correction) or euphonium (SDE drift shift).",
+                            choices=("nrg", "euphonium"))
+    guide_normalize: bool = field(True, "Normalise each sample's reward gradient to unit norm before scaling.")
 
     def __post_init__(self):
         check_choices(self)
+        _require(self.guide_scale >= 0, "guide_scale", self.guide_scale, "must be >= 0", "guide_scale=5")
         _require(self.num_steps >= 1, "num_steps", self.num_steps, "must be >= 1", "num_steps=20")
         _require(self.eta is None or self.eta >= 0, "eta", self.eta, "must be >= 0", "eta=0.7")
         _require(

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from flowalign.cli import build_parser, main
 
@@ -61,3 +62,19 @@ def test_demo_runs(tmp_path):
     assert summary["samplers"]["flow-sde"]["on_policy_max_abs_ratio_minus_1"] < 1e-5
     assert 0 <= summary["samplers"]["ode"]["verifier_accuracy"]["overall"] <= 1
     assert (tmp_path / "demo" / "cps.png").exists()
+
+
+def test_sample_with_reward_guidance(tmp_path):
+    import json as _json
+
+    out = tmp_path / "g"
+    base = tmp_path / "b"
+    argv = ["sample", "--model", "toy2d", "--prompt", "gaussian", "--num-images-per-prompt", "64", "--steps", "8"]
+    assert main([*argv, "--out", str(base)]) == 0
+    assert main([*argv, "--guide", "toy2d-linear=1", "--guide-scale", "3", "--out", str(out)]) == 0
+    pts = torch.tensor(_json.loads((out / "points.json").read_text())["points"])
+    ref = torch.tensor(_json.loads((base / "points.json").read_text())["points"])
+    # toy2d-linear rewards +y by default: guidance moves the samples up
+    assert pts[:, 1].mean() > ref[:, 1].mean() + 0.2
+    assert _json.loads((out / "settings.json").read_text())["guide"] == {"toy2d-linear": 1.0}
+    assert main([*argv, "--guide", "toy2d-linear=x", "--out", str(out)]) == 2

@@ -72,14 +72,14 @@ def load_model(model, device: str | torch.device | None = None, dtype: str | tor
     """
     if isinstance(model, FlowModel):
         return model
-    if isinstance(model, str) and model == "toy2d":
-        from flowalign.zoo.toy2d import load_toy2d
-
-        return load_toy2d(device=device, dtype=dtype)
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}.")
         dtype = _DTYPES[dtype]
+    if isinstance(model, str) and model == "toy2d":
+        from flowalign.zoo.toy2d import load_toy2d
+
+        return load_toy2d(device=device, dtype=None if dtype == torch.float32 else dtype)
     settings = {}
     if isinstance(model, str):
         pipe, settings = _bundled(model)
