@@ -88,7 +88,9 @@ def load_model(model, device: str | torch.device | None = None, dtype: str | tor
             settings = read_settings(model) if os.path.isdir(model) else {}
     else:
         pipe = model
-    adapter = _adapter_for(type(pipe).__name__)
+    # subclasses of the supported pipelines (e.g. flowalign's guided pipeline classes) use their base's adapter
+    name = next((c.__name__ for c in type(pipe).__mro__ if c.__name__ in FAMILIES), type(pipe).__name__)
+    adapter = _adapter_for(name)
     return adapter(pipe, device=device, dtype=dtype).configure(settings or {})
 
 
@@ -100,8 +102,11 @@ def _load_pipeline(path: str, dtype, **kwargs):
         if not os.path.exists(index):
             raise FileNotFoundError(f"{path!r} is a directory but has no model_index.json: not a diffusers pipeline.")
         with open(index) as f:
-            class_name = json.load(f).get("_class_name", "?")
-        _adapter_for(class_name)  # fail early on unsupported families, before loading weights
+            meta = json.load(f)
+        _adapter_for(meta.get("_class_name", "?"))  # fail early on unsupported families, before loading weights
+        for name, entry in meta.items():  # components saved as absent (e.g. SD3 without T5) load as None
+            if isinstance(entry, list) and entry[:2] == [None, None]:
+                kwargs.setdefault(name, None)
     elif os.path.sep in path and path.count("/") != 1 or path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"No model directory at {path!r}.")
     elif "/" not in path:

@@ -1,0 +1,1 @@
+"""flowalign's FLUX.1 custom pipeline folder (see ./pipeline.py)."""

@@ -1,0 +1,1 @@
+"""flowalign's Stable Diffusion 3 custom pipeline folder (see ./pipeline.py)."""

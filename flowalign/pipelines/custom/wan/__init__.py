@@ -1,0 +1,1 @@
+"""flowalign's Wan 2.1 custom pipeline folder (see ./pipeline.py)."""
