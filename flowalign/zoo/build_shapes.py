@@ -259,7 +259,8 @@ def train_sd3(cfg: BuildConfig, images: torch.Tensor, captions: list[str], vae, 
     pipe.save_pretrained(out, safe_serialization=True)
     (out / "flowalign.json").write_text(json.dumps({"native_size": [cfg.size, cfg.size], "guidance_scale":
                                                     cfg.guidance_scale, "max_sequence_length": 0}, indent=2))
-    return {"final_loss_avg50": sum(losses[-50:]) / len(losses[-50:]), "params_transformer": sum(p.numel() for p in ema.parameters())}
+    tail = losses[-50:]
+    return {"final_loss_avg50": sum(tail) / len(tail), "params_transformer": sum(p.numel() for p in ema.parameters())}
 
 
 # ----------------------------------------------------------------------------- driver
