@@ -81,3 +81,12 @@ def test_splits_hold_out_compositions():
         assert sd.specs_for("test", cat)
     _, caps, _ = sd.dataset(300, "train", seed=0)
     assert not (set(caps) & test)
+
+
+def test_every_caption_fits_the_text_encoder_without_truncation():
+    from flowalign.models.tiny import WORDS
+    from flowalign.zoo.build_shapes import TEXT_LEN, tokenizer
+
+    tok = tokenizer()
+    assert all(len(tok(w).input_ids) == 3 for w in WORDS)  # BOS, the word, EOS
+    assert max(len(tok(s.caption()).input_ids) for s in sd.all_specs()) <= TEXT_LEN

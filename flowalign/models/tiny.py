@@ -36,33 +36,52 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
+def _learn_merges(words) -> list[tuple[str, str]]:
+    """Byte-pair merges learned on ``words`` (greedy BPE training), so each word ends as one token."""
+    segs = [list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(words)]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for seg in segs:
+            for pair in zip(seg, seg[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = max(counts, key=lambda p: (counts[p], p))  # ties broken deterministically
+        merges.append(best)
+        for i, seg in enumerate(segs):
+            out, j = [], 0
+            while j < len(seg):
+                if j + 1 < len(seg) and (seg[j], seg[j + 1]) == best:
+                    out.append(seg[j] + seg[j + 1])
+                    j += 2
+                else:
+                    out.append(seg[j])
+                    j += 1
+            segs[i] = out
+
+
 @cache
 def clip_tokenizer_files(words: tuple[str, ...] = tuple(WORDS)) -> str:
     """Write a CLIP BPE vocab.json/merges.txt to a temp dir and return the dir.
 
-    The vocabulary is every byte symbol (with and without the ``</w>`` end-of-word marker) plus one merge
-    chain per word, so listed words become single tokens.
+    The vocabulary is every byte symbol (with and without the ``</w>`` end-of-word marker) plus the merges
+    learned on ``words``, so every listed word is a single token.
     """
     chars = list(_bytes_to_unicode().values())
     vocab_list = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
+    merges = _learn_merges(words)
     seen = set(vocab_list)
-    for w in words:
-        syms = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = syms[0]
-        for s in syms[1:]:
-            merged = cur + s
-            if merged not in seen:
-                merges.append(f"{cur} {s}")
-                vocab_list.append(merged)
-                seen.add(merged)
-            cur = merged
+    for a, b in merges:
+        if a + b not in seen:
+            vocab_list.append(a + b)
+            seen.add(a + b)
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     d = tempfile.mkdtemp(prefix="flowalign-clip-tok-")
     with open(os.path.join(d, "vocab.json"), "w") as f:
         json.dump({t: i for i, t in enumerate(vocab_list)}, f)
     with open(os.path.join(d, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        f.write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     return d
 
 

@@ -4,8 +4,8 @@ toy2d (see :mod:`flowalign.zoo.toy2d`, about 2 minutes), then the shapes world i
 
 1. ``shapes-clip``: a tiny transformers ``CLIPModel`` trained contrastively (symmetric InfoNCE) on renders and
    captions, with the same pixel preprocessing as the CLIP rewards.
-2. a tiny ``AutoencoderKL`` (32x32x3 -> 8x8x4), MSE + a small KL; latents scaled to unit variance.
-3. ``shapes-sd3``: a tiny ``SD3Transformer2DModel`` (patch 1 on 8x8 latents) trained by rectified-flow
+2. a tiny ``AutoencoderKL`` (32x32x3 -> 16x16x4), MSE + a small KL; latents scaled to unit variance.
+3. ``shapes-sd3``: a tiny ``SD3Transformer2DModel`` (patch 2 on 16x16 latents, 64 tokens) trained by rectified-flow
    matching with logit-normal timesteps (Esser et al. 2024), 10% caption dropout for CFG and an EMA, with
    shapes-clip's frozen text tower as both CLIP text encoders; saved as a ``StableDiffusion3Pipeline`` folder.
 """
@@ -38,7 +38,7 @@ class BuildConfig:
     clip_steps: int = 1000
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    vae_steps: int = 1500
+    vae_steps: int = 800
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
@@ -48,7 +48,7 @@ class BuildConfig:
     sd3_ema: float = 0.99
     caption_dropout: float = 0.1
     guidance_scale: float = 4.0
-    threads: int = 1
+    threads: int = 2
     toy2d_steps: int = 4000
     retrieval_n: int = 50  # held-out images per category for the CLIP retrieval report
 
@@ -160,9 +160,9 @@ def train_vae(cfg: BuildConfig, images: torch.Tensor):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32, 64), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=16, down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, use_quant_conv=False, use_post_quant_conv=False,
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=16, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, use_quant_conv=False, use_post_quant_conv=False,
                         mid_block_add_attention=False, sample_size=cfg.size)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.vae_steps))
@@ -205,7 +205,7 @@ def train_sd3(cfg: BuildConfig, images: torch.Tensor, captions: list[str], vae, 
     te = text_encoder_from_clip(clip_dir)
     tok = tokenizer()
     torch.manual_seed(cfg.seed)
-    transformer = SD3Transformer2DModel(sample_size=cfg.size // 4, patch_size=1, in_channels=4, num_layers=4,
+    transformer = SD3Transformer2DModel(sample_size=cfg.size // 2, patch_size=2, in_channels=4, num_layers=4,
                                         attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
                                         caption_projection_dim=128, pooled_projection_dim=128, out_channels=4,
                                         pos_embed_max_size=cfg.size // 4)
