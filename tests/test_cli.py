@@ -78,3 +78,13 @@ def test_sample_with_reward_guidance(tmp_path):
     assert pts[:, 1].mean() > ref[:, 1].mean() + 0.2
     assert _json.loads((out / "settings.json").read_text())["guide"] == {"toy2d-linear": 1.0}
     assert main([*argv, "--guide", "toy2d-linear=x", "--out", str(out)]) == 2
+
+
+def test_train_dispatches_on_the_task_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: tiny-sd3\n")
+    assert main(["train", str(cfg)]) == 2
+    assert "task" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["train", "--help-config", "reward-model"]) == 0
+    assert "train_steps" in capsys.readouterr().out

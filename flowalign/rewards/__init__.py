@@ -2,7 +2,8 @@
 
 Registered names (``available()``): ``clip``, ``pickscore``, ``hps``, ``aesthetic``, ``imagereward``,
 ``jpeg-compressibility``, ``jpeg-incompressibility``,
-``shapes-clip``, ``shapes-geneval``. Heavy model code is imported when a reward is built.
+``shapes-clip``, ``shapes-geneval``,
+``latent`` (a trained noise-aware latent reward: ``path=RUN_DIR``). Heavy model code is imported when a reward is built.
 """
 
 from flowalign.rewards.aesthetic import AestheticMLP, LaionAesthetic
@@ -11,14 +12,21 @@ from flowalign.rewards.clip import ClipBackbone, CLIPScore
 from flowalign.rewards.hps import HPSv2
 from flowalign.rewards.imagereward import ImageReward
 from flowalign.rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
-from flowalign.rewards.latent import LatentReward
+from flowalign.rewards.latent import (
+    BackboneLatentReward,
+    LatentReward,
+    LatentRewardNet,
+    TrainableLatentReward,
+    load_latent_reward,
+)
 from flowalign.rewards.pickscore import PickScore
 from flowalign.rewards.preprocess import resize_and_normalize
 from flowalign.rewards.shapes import ShapesVerifier  # noqa: F401  (registers "shapes-geneval")
 from flowalign.rewards.shapes_clip import ShapesClip
 
 __all__ = [
-    "AestheticMLP", "CLIPScore", "ClipBackbone", "HPSv2", "ImageReward", "JpegCompressibility",
-    "JpegIncompressibility", "LaionAesthetic", "LatentReward", "MultiReward", "PickScore", "Reward", "ShapesClip",
-    "available", "check_scores", "jpeg_size_kb", "load", "register", "resize_and_normalize",
+    "AestheticMLP", "BackboneLatentReward", "CLIPScore", "ClipBackbone", "HPSv2", "ImageReward",
+    "JpegCompressibility", "JpegIncompressibility", "LaionAesthetic", "LatentReward", "LatentRewardNet",
+    "MultiReward", "PickScore", "Reward", "ShapesClip", "TrainableLatentReward", "available", "check_scores",
+    "jpeg_size_kb", "load", "load_latent_reward", "register", "resize_and_normalize",
 ]

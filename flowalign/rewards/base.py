@@ -141,6 +141,10 @@ def load(name_or_path, **kwargs) -> Reward:
     for prefix, module in _LAZY.items():
         if name_or_path.startswith(prefix) and name_or_path not in _REGISTRY:
             importlib.import_module(module)  # registers the names it defines
+    if name_or_path.startswith("latent:"):  # a trained latent reward's run folder, e.g. "latent:runs/x"
+        from flowalign.rewards.latent import load_latent_reward
+
+        return load_latent_reward(name_or_path[len("latent:"):], **kwargs)
     if ":" in name_or_path:
         factory = _import_path(name_or_path)
     elif name_or_path in _REGISTRY:
