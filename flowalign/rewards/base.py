@@ -64,18 +64,21 @@ class Reward(nn.Module):
         if not images.is_floating_point():
             raise TypeError(f"Reward {self.name!r}: images must be float pixels in [0, 1], got "
                             f"{images.dtype} (divide uint8 images by 255).")
-        b = images.shape[0]
+        return images, self.broadcast_prompts(prompts, images.shape[0], "images")
+
+    def broadcast_prompts(self, prompts, b: int, what: str = "images") -> list[str]:
+        """One prompt per sample: a single string is repeated; None is allowed when the reward ignores prompts."""
         if prompts is None and not self.uses_prompts:
-            prompts = [""] * b
-        elif prompts is None:
-            raise ValueError(f"Reward {self.name!r} scores text-image agreement: pass one prompt per image.")
-        elif isinstance(prompts, str):
+            return [""] * b
+        if prompts is None:
+            raise ValueError(f"Reward {self.name!r} scores text-sample agreement: pass one prompt per sample.")
+        if isinstance(prompts, str):
             prompts = [prompts] * b
         prompts = as_prompt_list(prompts)
         if len(prompts) != b:
-            raise ValueError(f"Reward {self.name!r}: got {b} images but {len(prompts)} prompts; pass one "
-                             "prompt per image or a single string for all.")
-        return images, prompts
+            raise ValueError(f"Reward {self.name!r}: got {b} {what} but {len(prompts)} prompts; pass one "
+                             "prompt per sample or a single string for all.")
+        return prompts
 
     def forward(self, images: torch.Tensor, prompts: str | list[str] | None = None) -> torch.Tensor:
         """Score ``images`` against ``prompts``; returns (B,) float32 on the images' device."""

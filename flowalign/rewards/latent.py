@@ -38,17 +38,7 @@ class LatentReward(Reward):
         if not torch.is_tensor(latents) or not latents.is_floating_point():
             raise TypeError(f"Latent reward {self.name!r}: latents must be a float tensor, got "
                             f"{getattr(latents, 'dtype', type(latents).__name__)}.")
-        b = latents.shape[0]
-        if prompts is None and not self.uses_prompts:
-            prompts = [""] * b
-        elif prompts is None:
-            raise ValueError(f"Latent reward {self.name!r} needs one prompt per sample.")
-        elif isinstance(prompts, str):
-            prompts = [prompts] * b
-        prompts = list(prompts)
-        if len(prompts) != b:
-            raise ValueError(f"Latent reward {self.name!r}: got {b} latents but {len(prompts)} prompts.")
-        return latents, prompts
+        return latents, self.broadcast_prompts(prompts, latents.shape[0], "latents")
 
     def forward(self, latents: torch.Tensor, prompts: str | list[str] | None = None, *, sigma) -> torch.Tensor:
         latents, prompts = self.check_inputs(latents, prompts)

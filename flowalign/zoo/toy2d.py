@@ -36,7 +36,6 @@ import torch
 
 from flowalign.models.toy2d import NULL_PROMPT, Toy2DModel, Toy2DVelocity
 from flowalign.rewards.base import Reward, register
-from flowalign.utils import as_prompt_list
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy2d_model.safetensors")
 
@@ -112,15 +111,7 @@ class PointReward(Reward):
         if images.ndim != 2 or images.shape[-1] != 2:
             raise ValueError(f"Reward {self.name!r} is a toy2d reward on points (B, 2); got shape "
                              f"{tuple(images.shape)}.")
-        b = images.shape[0]
-        if prompts is None:
-            prompts = [""] * b
-        elif isinstance(prompts, str):
-            prompts = [prompts] * b
-        prompts = as_prompt_list(prompts)
-        if len(prompts) != b:
-            raise ValueError(f"Reward {self.name!r}: got {b} points but {len(prompts)} prompts.")
-        return images, prompts
+        return images, self.broadcast_prompts(prompts, images.shape[0], "points")
 
 
 def _vec(v, name: str) -> torch.Tensor:
