@@ -210,6 +210,13 @@ class FlowModel:
     def guidance_or_default(self, guidance_scale: float | None) -> float:
         return self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
 
+    def cfg_scale(self, cond: Conditioning, guidance_scale: float | None) -> tuple[float, bool]:
+        """The CFG scale to use and whether CFG is on (scale > 1); the conditioning must carry its uncond half."""
+        gs = self.guidance_or_default(guidance_scale)
+        if gs > 1 and cond.uncond is None:
+            raise ValueError("This conditioning was encoded without CFG; encode with the same guidance_scale (> 1).")
+        return gs, gs > 1
+
     def _set_timesteps(self, num_steps: int, **kwargs) -> torch.Tensor:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}.")

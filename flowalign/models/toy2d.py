@@ -168,10 +168,7 @@ class Toy2DModel(FlowModel):
         return Conditioning(prompts, cond, uncond)
 
     def velocity(self, x, sigma, cond: Conditioning, guidance_scale=None) -> torch.Tensor:
-        gs = self.guidance_or_default(guidance_scale)
-        cfg = gs > 1
-        if cfg and cond.uncond is None:
-            raise ValueError("This conditioning was encoded without CFG; encode with the same guidance_scale (> 1).")
+        gs, cfg = self.cfg_scale(cond, guidance_scale)
         b = x.shape[0]
         s = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
         s = s.expand(b) if s.ndim == 0 else s

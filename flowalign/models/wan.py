@@ -101,10 +101,7 @@ class WanModel(FlowModel):
         return t
 
     def velocity(self, x, sigma, cond: Conditioning, guidance_scale=None) -> torch.Tensor:
-        gs = self.guidance_or_default(guidance_scale)
-        cfg = gs > 1
-        if cfg and cond.uncond is None:
-            raise ValueError("This conditioning was encoded without CFG; encode with the same guidance_scale (> 1).")
+        gs, cfg = self.cfg_scale(cond, guidance_scale)
         xin = x.to(self.dtype)
         t = self._timestep(sigma, x)
         out = self.transformer(hidden_states=xin, timestep=t, return_dict=False, **cond.cond)[0]

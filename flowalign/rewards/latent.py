@@ -122,14 +122,15 @@ class TrainableLatentReward(LatentReward):
         self.extra = dict(extra or {})  # free-form provenance (training metrics, config) saved with the weights
 
     # -- to implement
+    # (abstract: LatentRewardNet and BackboneLatentReward implement these three)
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_text(prompts) -> dict of tensors.")
 
     def predict(self, latents: torch.Tensor, sigma: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement predict(latents, sigma, text) -> (B,).")
 
     def arch_config(self) -> dict:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement arch_config() -> its constructor keywords.")
 
     # -- shared
     def score(self, latents, sigma, prompts):
