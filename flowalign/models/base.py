@@ -48,6 +48,15 @@ class Conditioning:
         return replace(self, prompts=[self.prompts[i] for i in idx_t.tolist()], cond=pick(self.cond),
                        uncond=pick(self.uncond))
 
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        """Concatenate batches encoded with the same settings (e.g. rollout chunks)."""
+        def join(ds):
+            return None if ds[0] is None else {k: torch.cat([d[k] for d in ds]) for k in ds[0]}
+
+        return replace(parts[0], prompts=[p for c in parts for p in c.prompts], cond=join([c.cond for c in parts]),
+                       uncond=join([c.uncond for c in parts]))
+
     def repeat_interleave(self, k: int) -> Conditioning:
         """Each prompt repeated ``k`` times in a row (a group of ``k`` samples per prompt)."""
         return self.index(torch.arange(len(self)).repeat_interleave(k))
@@ -113,6 +122,17 @@ class FlowModel:
     def transformer(self) -> torch.nn.Module:
         """The trainable denoiser."""
         return self.pipe.transformer
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The module :meth:`velocity` calls: the transformer, or the wrapper a distributed trainer put around it
+        (DDP synchronises gradients only through its own forward)."""
+        wrapped = getattr(self, "_denoiser", None)
+        return self.transformer if wrapped is None else wrapped
+
+    def use_denoiser(self, module: torch.nn.Module | None) -> None:
+        """Route :meth:`velocity` through ``module`` (a wrapper of :attr:`transformer`); None restores it."""
+        self._denoiser = module
 
     @property
     def device(self) -> torch.device:

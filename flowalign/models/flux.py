@@ -118,7 +118,7 @@ class FluxModel(FlowModel):
         def run(kw):
             seq = kw["encoder_hidden_states"].shape[1]
             txt_ids = torch.zeros(seq, 3, device=x.device, dtype=kw["encoder_hidden_states"].dtype)
-            return self.transformer(hidden_states=tokens, timestep=timestep, guidance=guidance, txt_ids=txt_ids,
+            return self.denoiser(hidden_states=tokens, timestep=timestep, guidance=guidance, txt_ids=txt_ids,
                                     img_ids=img_ids, return_dict=False, **kw)[0]
 
         out = run(cond.cond)

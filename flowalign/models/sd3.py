@@ -59,7 +59,7 @@ class SD3Model(FlowModel):
         else:
             kw = cond.cond
         t = self.timestep(sigma, b)
-        out = self.transformer(hidden_states=xin, timestep=torch.cat([t, t]) if cfg else t, return_dict=False, **kw)[0]
+        out = self.denoiser(hidden_states=xin, timestep=torch.cat([t, t]) if cfg else t, return_dict=False, **kw)[0]
         if cfg:
             v_u, v_c = out.chunk(2)
             out = v_u + gs * (v_c - v_u)

@@ -177,7 +177,7 @@ class Toy2DModel(FlowModel):
         if cfg:  # one batched forward, negatives first, as SD3
             xin, s = torch.cat([xin, xin]), torch.cat([s, s])
             labels = torch.cat([cond.uncond["class_labels"].to(self.device), labels])
-        out = self.net(xin, s, labels)
+        out = self.denoiser(xin, s, labels)
         if cfg:
             v_u, v_c = out.chunk(2)
             out = v_u + gs * (v_c - v_u)

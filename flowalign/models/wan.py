@@ -104,10 +104,10 @@ class WanModel(FlowModel):
         gs, cfg = self.cfg_scale(cond, guidance_scale)
         xin = x.to(self.dtype)
         t = self._timestep(sigma, x)
-        out = self.transformer(hidden_states=xin, timestep=t, return_dict=False, **cond.cond)[0]
+        out = self.denoiser(hidden_states=xin, timestep=t, return_dict=False, **cond.cond)[0]
         if cfg:
             # two separate passes, cond then uncond, exactly as the pipeline does
-            out_u = self.transformer(hidden_states=xin, timestep=t, return_dict=False, **cond.uncond)[0]
+            out_u = self.denoiser(hidden_states=xin, timestep=t, return_dict=False, **cond.uncond)[0]
             out = out_u + gs * (out - out_u)
         return out.float()
 

@@ -8,6 +8,7 @@ the model's current parameters through the same step function, so on-policy rati
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -58,6 +59,30 @@ class Trajectory:
     @property
     def x0(self) -> torch.Tensor:
         return self.latents[:, -1]
+
+    def index(self, idx: torch.Tensor | list[int]) -> Trajectory:
+        """The sub-batch ``idx`` (a training minibatch), with the same settings."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+
+        def pick(t):
+            return None if t is None else t[idx.to(t.device)]
+
+        return dataclasses.replace(self, latents=pick(self.latents), log_probs=pick(self.log_probs),
+                                   cond=self.cond.index(idx), prompts=[self.prompts[i] for i in idx.tolist()],
+                                   images=pick(self.images), guidance_shifts=pick(self.guidance_shifts),
+                                   extras=dict(self.extras))
+
+    @staticmethod
+    def cat(parts: list[Trajectory]) -> Trajectory:
+        """Concatenate batches sampled with the same settings and sigmas (rollout chunks)."""
+        def join(name):
+            ts = [getattr(p, name) for p in parts]
+            return None if ts[0] is None else torch.cat(ts)
+
+        return dataclasses.replace(parts[0], latents=join("latents"), log_probs=join("log_probs"),
+                                   cond=Conditioning.cat([p.cond for p in parts]),
+                                   prompts=[q for p in parts for q in p.prompts], images=join("images"),
+                                   guidance_shifts=join("guidance_shifts"), extras=dict(parts[0].extras))
 
     def settings(self) -> dict:
         """The sampling settings as plain data (for a run's JSON record)."""

@@ -1,15 +1,24 @@
 """Trainers: recipes run by ``flowalign train CONFIG key=value ...``, one file per recipe.
 
+- :mod:`flowalign.trainers.grpo` (``task: grpo``): Flow-GRPO.
+- :mod:`flowalign.trainers.crd` (``task: crd``): Centered Reward Distillation.
 - :mod:`flowalign.trainers.reward_model` (``task: reward-model``): distil a pixel reward into a noise-aware
   latent reward model (:class:`~flowalign.rewards.latent.LatentRewardNet` or
   :class:`~flowalign.rewards.latent.BackboneLatentReward`).
 
-Recipe modules import heavy pieces lazily, so ``import flowalign.trainers`` is cheap.
+Generator trainers share :mod:`flowalign.trainers.loop`. Recipe modules import heavy pieces lazily, so
+``import flowalign.trainers`` is cheap.
 """
 
+from flowalign.trainers.crd import CRDConfig, train_crd
+from flowalign.trainers.grpo import GRPOConfig, train_grpo
 from flowalign.trainers.reward_model import RewardModelConfig, train_reward_model
 
 #: ``task:`` key of a training YAML -> (config schema, "module:function" taking (config_path, overrides))
-TASKS = {"reward-model": (RewardModelConfig, "flowalign.trainers.reward_model:main")}
+TASKS = {
+    "crd": (CRDConfig, "flowalign.trainers.crd:main"),
+    "grpo": (GRPOConfig, "flowalign.trainers.grpo:main"),
+    "reward-model": (RewardModelConfig, "flowalign.trainers.reward_model:main"),
+}
 
-__all__ = ["TASKS", "RewardModelConfig", "train_reward_model"]
+__all__ = ["TASKS", "CRDConfig", "GRPOConfig", "RewardModelConfig", "train_crd", "train_grpo", "train_reward_model"]

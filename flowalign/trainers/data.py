@@ -1,0 +1,50 @@
+"""Prompt sources for training and evaluation: the shapes world's splits, text files, JSONL files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+#: built-in sources: the shapes world's training and held-out captions
+SHAPES_SOURCES = ("shapes-train", "shapes-test")
+
+
+def load_prompts(source: str, limit: int | None = None) -> list[str]:
+    """Prompts from ``shapes-train`` / ``shapes-test``, a ``.txt`` file (one per line) or a ``.jsonl`` file
+    (one object per line with a ``"prompt"`` key). Blank lines are skipped; the order is kept."""
+    if source in SHAPES_SOURCES:
+        from flowalign.zoo import shapes_data
+
+        split = source.split("-", 1)[1]
+        prompts = sorted({s.caption() for cat in shapes_data.CATEGORIES for s in shapes_data.specs_for(split, cat)})
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"Prompt file {source!r} does not exist. Give a .txt file (one prompt per line), "
+                                    f"a .jsonl file ({{\"prompt\": ...}} per line) or one of {SHAPES_SOURCES}.")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        if path.suffix == ".jsonl":
+            prompts = []
+            for n, ln in enumerate(lines, 1):
+                if not ln:
+                    continue
+                try:
+                    prompts.append(str(json.loads(ln)["prompt"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{source}:{n}: each JSONL line must be an object with a \"prompt\" key; "
+                                     f"got {ln[:80]!r}.") from None
+        else:
+            prompts = [ln for ln in lines if ln]
+        if not prompts:
+            raise ValueError(f"Prompt file {source!r} holds no prompts.")
+    return prompts[:limit] if limit else prompts
+
+
+def categories_of(prompts: list[str]) -> list[str] | None:
+    """The shapes category of each prompt when every prompt is a shapes caption, else None."""
+    from flowalign.rewards.shapes import parse_caption
+
+    try:
+        return [parse_caption(p).category for p in prompts]
+    except Exception:
+        return None
