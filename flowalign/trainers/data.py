@@ -10,9 +10,17 @@ SHAPES_SOURCES = ("shapes-train", "shapes-test")
 
 
 def load_prompts(source: str, limit: int | None = None) -> list[str]:
-    """Prompts from ``shapes-train`` / ``shapes-test``, a ``.txt`` file (one per line) or a ``.jsonl`` file
-    (one object per line with a ``"prompt"`` key). Blank lines are skipped; the order is kept."""
-    if source in SHAPES_SOURCES:
+    """Prompts from ``shapes-train`` / ``shapes-test``, ``toy2d:<class>[,<class>...]`` (toy2d class names), a
+    ``.txt`` file (one per line) or a ``.jsonl`` file (one object per line with a ``"prompt"`` key). Blank lines
+    are skipped; the order is kept."""
+    if source.startswith("toy2d:"):
+        from flowalign.zoo.toy2d import CLASS_NAMES
+
+        prompts = [c.strip() for c in source[len("toy2d:"):].split(",") if c.strip()]
+        bad = [c for c in prompts if c not in CLASS_NAMES]
+        if bad or not prompts:
+            raise ValueError(f"Unknown toy2d class(es) {bad or source!r}; choose from {', '.join(CLASS_NAMES)}.")
+    elif source in SHAPES_SOURCES:
         from flowalign.zoo import shapes_data
 
         split = source.split("-", 1)[1]

@@ -57,6 +57,9 @@ class TrainConfig:
     group_size: int = field(8, "Samples per prompt (K); advantages are computed within these groups.")
     num_steps: int = field(10, "Sampling steps of the rollouts.")
     guidance_scale: float | None = field(None, "CFG scale of rollouts and training; null = the model's default.")
+    height: int | None = field(None, "Image height of rollouts and evaluation; null = the model's native size.")
+    width: int | None = field(None, "Image width; null = the model's native size.")
+    num_frames: int | None = field(None, "Frames per video (Wan); null = the model's default.")
     rollout_batch_size: int = field(32, "Samples generated per sampling call.")
     train_batch_size: int = field(32, "Samples per optimizer step (keep equal to rollout_batch_size so that "
                                       "recomputed log-probs match the recorded ones bitwise).")
@@ -111,8 +114,11 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _resume_key(cfg: TrainConfig) -> dict:
@@ -148,13 +154,15 @@ class Run:
         self.prompts = load_prompts(cfg.prompts)
         self.eval_prompts, self.eval_categories = self._eval_prompt_set()
         device = cfg.device if cfg.device and not cfg.device.startswith("cuda") else acc.device
-        self.model = fa.load_model(model if model is not None else cfg.model, device=device,
-                                   dtype=getattr(torch, cfg.dtype))
+        dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)  # fp32 is how weights load
+        self.model = fa.load_model(model if model is not None else cfg.model, device=device, dtype=dtype)
         self.reward = (reward if reward is not None else fa.rewards.load(cfg.reward)).to(self.model.device)
         self._eval_rewards = None
         transformer = self.model.transformer
         if cfg.finetune == "lora":
-            self.model.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+            with torch.random.fork_rng(devices=[]):  # the adapter's initial weights follow cfg.seed only
+                torch.manual_seed(cfg.seed)
+                self.model.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         else:
             transformer.requires_grad_(True)
         if cfg.gradient_checkpointing and hasattr(transformer, "enable_gradient_checkpointing"):
@@ -209,8 +217,11 @@ class Run:
             for i in range(0, len(prompts), chunk):
                 parts.append(fa.sample(self.model, prompts[i:i + chunk], num_steps=self.cfg.num_steps,
                                        guidance_scale=self.cfg.guidance_scale, num_images_per_prompt=k,
-                                       generator=gen, **sample_kwargs))
+                                       generator=gen, **self.size(), **sample_kwargs))
         return Trajectory.cat(parts)
+
+    def size(self) -> dict:
+        return {"height": self.cfg.height, "width": self.cfg.width, "num_frames": self.cfg.num_frames}
 
     @torch.no_grad()
     def score(self, traj) -> torch.Tensor:
@@ -316,7 +327,7 @@ class Run:
             for i in range(0, len(self.eval_prompts), self.cfg.rollout_batch_size):
                 traj = fa.sample(self.model, self.eval_prompts[i:i + self.cfg.rollout_batch_size],
                                  num_steps=self.cfg.eval_steps, guidance_scale=self.cfg.guidance_scale,
-                                 generator=gen)
+                                 generator=gen, **self.size())
                 images.append(traj.images.float().cpu())
         images = torch.cat(images)
         out = {}
@@ -383,7 +394,7 @@ class Run:
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             prev = latest_checkpoint(self.out)
-            raise OSError(f"Writing checkpoint {final} failed ({e}); the previous checkpoint "
+            raise OSError(e.errno, f"Writing checkpoint {final} failed ({e}); the previous checkpoint "
                           f"{prev if prev else '(none)'} is intact. Free disk space and resume with "
                           f"resume=latest.") from e
         done = sorted(p for p in root.glob("epoch-*") if p.is_dir() and not p.name.endswith(".tmp"))
@@ -404,6 +415,10 @@ class Run:
         if not self.cfg.resume:
             return
         where = latest_checkpoint(self.out) if self.cfg.resume == "latest" else Path(self.cfg.resume)
+        pointer = self.out / CKPT_DIR / "latest"
+        if where is None and pointer.exists():
+            raise FileNotFoundError(f"resume=latest: {pointer} names {pointer.read_text().strip()!r}, which holds no "
+                                    f"state.pt. Point resume= at an intact checkpoint folder in {pointer.parent}.")
         if where is None:
             if self.is_main:
                 print(f"resume=latest: no checkpoint in {self.out / CKPT_DIR}; starting from scratch.")

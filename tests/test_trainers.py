@@ -1,0 +1,175 @@
+"""Trainer maths and "it trains" checks for Flow-GRPO and CRD (tiny SD3 and toy2d, CPU)."""
+
+import json
+
+import pytest
+import torch
+
+from flowalign.config import load_config
+from flowalign.functional.advantages import advantage_to_unit, group_advantages
+from flowalign.functional.crd import adaptive_error, crd_loss, group_center, implicit_reward
+from flowalign.functional.policy import gaussian_mean_kl, ppo_clip_loss
+from flowalign.trainers.crd import CRDConfig, train_crd
+from flowalign.trainers.grpo import GRPOConfig, sde_window, train_grpo
+from flowalign.trainers.snapshot import DecaySchedule, Snapshot
+
+
+# ----------------------------------------------------------------------------- functional maths
+def test_group_advantages_match_per_group_standardisation():
+    r = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 40.0, 7.0])
+    g = torch.tensor([0, 0, 0, 5, 5, 5, 9])  # ids need not be contiguous; group 9 is a singleton
+    a = group_advantages(r, g, clip=None)
+    for ids in ([0, 1, 2], [3, 4, 5]):
+        x = r[ids]
+        torch.testing.assert_close(a[ids], (x - x.mean()) / (x.std(unbiased=False) + 1e-4))
+    assert a[6] == 0
+    glob = group_advantages(r, g, global_std=True, clip=None)
+    torch.testing.assert_close(glob[:3], (r[:3] - 2.0) / (r.std(unbiased=False) + 1e-4))
+    assert group_advantages(torch.tensor([0.0, 100.0]), torch.tensor([0, 0]), clip=0.5).abs().max() == 0.5
+
+
+def test_advantage_to_unit_range():
+    u = advantage_to_unit(torch.tensor([-9.0, -5.0, 0.0, 5.0, 9.0]))
+    torch.testing.assert_close(u, torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+
+
+def test_ppo_clip_loss_on_policy_gradient_is_policy_gradient():
+    lp = torch.randn(6, requires_grad=True)
+    adv = torch.randn(6)
+    loss, info = ppo_clip_loss(lp, lp.detach(), adv, clip_range=1e-4)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, -adv / 6)
+    assert info["ratio_dev"] == 0
+
+
+def test_ppo_clip_loss_clips_in_the_advantage_direction():
+    old = torch.zeros(2)
+    lp = torch.tensor([0.5, 0.5], requires_grad=True)  # ratio e^0.5 > 1 + eps
+    loss, info = ppo_clip_loss(lp, old, torch.tensor([1.0, -1.0]), clip_range=0.1)
+    loss.backward()
+    # positive advantage: the clipped branch is the max, no gradient; negative advantage keeps the unclipped one
+    assert lp.grad[0] == 0 and lp.grad[1] > 0
+    assert info["clip_frac"] == 1
+
+
+def test_gaussian_mean_kl_equals_torch_kl():
+    mu, mu_ref = torch.randn(3, 4), torch.randn(3, 4)
+    std = torch.rand(3, 4) + 0.1
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mu, std),
+                                                 torch.distributions.Normal(mu_ref, std)).mean(1)
+    torch.testing.assert_close(gaussian_mean_kl(mu, mu_ref, std), expected)
+    assert gaussian_mean_kl(mu, mu_ref, torch.zeros(3, 4)).abs().max() == 0
+
+
+def test_crd_pieces():
+    v, u = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    assert implicit_reward(v, v, u).abs().max() == 0  # no better than the old snapshot
+    better = u + 0.1 * (v - u)
+    assert (implicit_reward(better, v, u) > 0).all()
+    err = (v - u).flatten(1)
+    torch.testing.assert_close(adaptive_error(v, u), (err ** 2).mean(1) / err.abs().mean(1))
+    x, g = torch.randn(6), torch.tensor([0, 0, 0, 1, 1, 1])
+    c = group_center(x, g)
+    torch.testing.assert_close(c[:3].sum(), torch.tensor(0.0), atol=1e-6, rtol=0)
+    # the loss is zero exactly when beta * centred implicit reward equals the centred external reward
+    r01 = torch.tensor([0.2, 0.5, 0.8, 0.1, 0.6, 0.5])
+    assert crd_loss(group_center(r01, g) / 2.0 + 7.0, r01, g, beta=2.0) < 1e-10
+    assert crd_loss(torch.zeros(6), r01, g, beta=2.0) > 0
+
+
+def test_decay_schedule_and_snapshot():
+    s = DecaySchedule.parse("75-0.0-0.0075-0.999")
+    assert s(0) == 0 and s(74) == 0 and s(75) == 0 and s(76) == pytest.approx(0.0075) and s(10 ** 6) == 0.999
+    assert DecaySchedule.parse("0.9")(5) == 0.9
+    with pytest.raises(ValueError, match="start-initial-rate-maximum"):
+        DecaySchedule.parse("fast")
+    p = torch.nn.Parameter(torch.zeros(3))
+    snap = Snapshot([p])
+    with torch.no_grad():
+        p.fill_(1.0)
+    snap.update(0.25)
+    torch.testing.assert_close(snap.values[0], torch.full((3,), 0.75))
+    with snap.swapped_in():
+        assert p.detach().eq(0.75).all()
+    assert p.detach().eq(1.0).all()
+
+
+def test_sde_window_is_inside_the_leading_range():
+    cfg = load_config(GRPOConfig, {"num_steps": 10, "sde_window_size": 2, "sde_window_range": 0.5})
+    starts = {sde_window(cfg, torch.Generator().manual_seed(i))[0] for i in range(50)}
+    assert starts <= set(range(0, 5)) and len(starts) > 1  # the window starts within the first half
+
+
+# ----------------------------------------------------------------------------- it trains
+def _tiny(tmp_path, schema, **kw):
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    base = {"model": "tiny-sd3", "reward": "jpeg-compressibility", "prompts": str(tmp_path / "p.txt"),
+            "eval_prompts": None, "epochs": 1, "groups_per_epoch": 2, "group_size": 2, "num_steps": 3,
+            "rollout_batch_size": 4, "train_batch_size": 4, "lora_rank": 4, "out": str(tmp_path / "run"),
+            "progress": False, "log_with": "none", "lr": 1e-2}
+    return load_config(schema, {**base, **kw})
+
+
+@pytest.mark.parametrize("schema,train", [(GRPOConfig, train_grpo), (CRDConfig, train_crd)])
+def test_one_epoch_changes_every_trainable_parameter(tmp_path, schema, train):
+    import flowalign as fa
+
+    cfg = _tiny(tmp_path, schema, task=schema.__dataclass_fields__["task"].default)
+    model = fa.load_model("tiny-sd3")
+    seen = {}
+
+    from flowalign.trainers import loop
+
+    orig = loop.Run.__init__
+
+    def init(self, *a, **k):
+        orig(self, *a, **k)
+        seen["before"] = [p.detach().clone() for p in self.params]
+        seen["run"] = self
+
+    loop.Run.__init__ = init
+    try:
+        train(cfg, model=model)
+    finally:
+        loop.Run.__init__ = orig
+    after = seen["run"].params
+    assert len(after) > 0 and all(p.requires_grad for p in after)
+    unchanged = [n for n, a, b in zip(seen["run"].param_names, seen["before"], after) if torch.equal(a, b.detach())]
+    assert not unchanged, f"parameters that did not train: {unchanged[:5]}"
+    rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [v for r in rec for k, v in r.items() if k.startswith("train/") and "loss" in k]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "run" / "report.md").exists()
+
+
+def test_grpo_recomputed_log_probs_are_on_policy(tmp_path):
+    cfg = _tiny(tmp_path, GRPOConfig, task="grpo", beta=0.04)
+    train_grpo(cfg)
+    rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rec[-1]["train/onpolicy_ratio_dev"] == 0.0
+
+
+def test_exported_lora_loads_into_the_diffusers_pipeline(tmp_path):
+    import flowalign as fa
+
+    cfg = _tiny(tmp_path, GRPOConfig, task="grpo")
+    train_grpo(cfg)
+    pipe = fa.load_model("tiny-sd3").pipe
+    pipe.load_lora_weights(str(tmp_path / "run" / "lora"))
+    assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+
+
+@pytest.mark.parametrize("algo", ["grpo", "crd"])
+def test_short_toy2d_run_raises_the_reward(tmp_path, algo):
+    schema, train = (GRPOConfig, train_grpo) if algo == "grpo" else (CRDConfig, train_crd)
+    extra = {"clip_range": 0.01, "beta": 0.0} if algo == "grpo" else {}
+    cfg = load_config(schema, {"task": algo, "model": "toy2d", "reward": "toy2d-linear", "prompts": "toy2d:8gaussians",
+                               "eval_prompts": None, "epochs": 12, "groups_per_epoch": 4, "group_size": 16,
+                               "num_steps": 8, "rollout_batch_size": 64, "train_batch_size": 64, "lora_rank": 8,
+                               "lr": 1e-3, "out": str(tmp_path / "run"), "save_every": 0, "progress": False,
+                               "log_with": "none", **extra})
+    train(cfg)
+    r = [json.loads(line)["reward/mean"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(r[:3]) / 3, sum(r[-3:]) / 3
+    assert last > first + 0.2, r
