@@ -181,6 +181,7 @@ class Run:
         self._reference = Snapshot(self.params) if cfg.finetune == "full" else None
         self.epoch = 0
         self.step = 0
+        self.last_grid = None  # the latest evaluation's sample grid (C, H, W)
         self.history: list[dict] = []
         self.algorithm.setup(self)
 
@@ -341,7 +342,8 @@ class Run:
         if images.ndim == 4 and images.shape[1] in (1, 3):
             path = self.out / "samples" / f"epoch-{self.epoch:04d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(grid(images[:64], nrow=8), path, scale=max(1, 128 // images.shape[-1]))
+            self.last_grid = grid(images[:64], nrow=8)
+            save_image(self.last_grid, path, scale=max(1, 128 // images.shape[-1]))
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -475,6 +477,8 @@ class Run:
     def _log(self, tracker, record: dict) -> None:
         self.history.append(record)
         tracker.log(record, step=record["step"])
+        if any(k.startswith("eval/") for k in record):
+            tracker.log_image("eval/samples", self.last_grid, step=record["step"])
 
 
 def _num(v: Any) -> float:

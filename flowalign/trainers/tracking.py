@@ -54,6 +54,18 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
 
+    def log_image(self, tag: str, image, step: int) -> None:
+        """A sample grid ``(C, H, W)`` in [0, 1] (TensorBoard image / W&B image)."""
+        if not self.enabled or image is None:
+            return
+        if self.writer is not None:
+            self.writer.add_image(tag, image.clamp(0, 1), step)
+            self.writer.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(image.clamp(0, 1).permute(1, 2, 0).numpy())}, step=step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
