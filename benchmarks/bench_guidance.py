@@ -4,7 +4,10 @@ Held-out prompts of the shapes test split, 20 steps, fixed seeds. Compared at eq
 (ODE) and Euphonium (flow-sde) with the shapes-clip gradient, and, at a budget of 4x the NFE, best-of-N and
 noise-aware pruning (both selecting by shapes-clip; the verifier is never used for selection).
 
-Usage: python benchmarks/bench_guidance.py [--per-category 25] [--steps 20]
+With ``--latent RUN`` (a folder written by ``flowalign train configs/reward/shapes-clip-latent.yaml``), also Flow-NRG
+with the noise-aware latent reward (no VAE decode in the gradient) and pruning scored by it.
+
+Usage: python benchmarks/bench_guidance.py [--per-category 25] [--steps 20] [--latent runs/shapes-clip-latent]
 Writes benchmarks/results/guidance_shapes.json and .png.
 """
 
@@ -44,6 +47,12 @@ def run(args) -> dict:
     for s in args.nrg_scales:
         methods[f"flow-nrg ode, scale {s}"] = dict(sampler="ode", guidance=fa.guidance.RewardGuidance(
             proxy, scale=s, mode="nrg", normalize=True))
+    latent = None
+    if args.latent:
+        latent = fa.rewards.load("latent", path=args.latent, model=model)
+        for s in args.nrg_scales:
+            guide = fa.guidance.RewardGuidance(latent, scale=s, mode="nrg", normalize=True)
+            methods[f"flow-nrg ode, latent reward, scale {s}"] = dict(sampler="ode", guidance=guide)
     for s in args.euph_scales:
         methods[f"euphonium flow-sde, scale {s}"] = dict(sampler="flow-sde", guidance=fa.guidance.RewardGuidance(
             proxy, scale=s, mode="euphonium", normalize=True))
@@ -56,8 +65,11 @@ def run(args) -> dict:
                       "shapes_clip": proxy(traj.images, prompts).mean().item(), "nfe": steps, "seconds": sec}
         print(name, json.dumps(rows[name]))
     budget = 4 * steps
-    for name, fn, kw in [("best-of-4 (shapes-clip)", fa.search.best_of_n, {}),
-                         ("pruning (shapes-clip, 4x budget)", fa.search.prune_search, {})]:
+    searches = [("best-of-4 (shapes-clip)", fa.search.best_of_n, {}),
+                ("pruning (shapes-clip, 4x budget)", fa.search.prune_search, {})]
+    if latent is not None:
+        searches.append(("pruning (latent proxy, 4x budget)", fa.search.prune_search, {"proxy": latent}))
+    for name, fn, kw in searches:
         t0 = time.perf_counter()
         res = fn(model, prompts, proxy, num_steps=steps, budget=budget, generator=torch.Generator().manual_seed(
             args.seed), **kw)
@@ -99,6 +111,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--nrg-scales", type=float, nargs="*", default=[1.0, 3.0])
     p.add_argument("--euph-scales", type=float, nargs="*", default=[1.0, 3.0])
+    p.add_argument("--latent", help="run folder of a trained latent reward (adds latent-reward rows)")
     args = p.parse_args()
     result = run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -169,9 +169,8 @@ class Run:
             transformer.enable_gradient_checkpointing()
         self.param_names = [n for n, p in transformer.named_parameters() if p.requires_grad]
         self.params = [p for p in transformer.parameters() if p.requires_grad]
-        if cfg.finetune == "full" or not self.params:
-            for p in self.params:
-                p.data = p.data.float()  # master weights in fp32
+        for p in self.params:
+            p.data = p.data.float()  # trainable weights (LoRA or all) stay fp32; frozen ones keep cfg.dtype
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if acc.num_processes > 1:
             self.model.use_denoiser(acc.prepare_model(transformer))
