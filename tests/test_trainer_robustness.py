@@ -65,7 +65,7 @@ def _env() -> dict:
 def _records(out: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock timings (the only values allowed to differ between runs)."""
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(ln).items() if not k.startswith("time/")} for ln in lines]
+    return [{k: v for k, v in json.loads(ln).items() if not k.startswith(("time/", "throughput/"))} for ln in lines]
 
 
 def _load_state(folder: Path) -> dict:

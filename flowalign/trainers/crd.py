@@ -22,6 +22,7 @@ Batches hold whole prompt groups so that centring stays within a prompt.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -98,9 +99,11 @@ class CRD:
     def epoch(self, run, epoch: int, shared: torch.Generator, local: torch.Generator) -> dict:
         cfg, model = self.cfg, run.model
         prompts, groups = run.epoch_prompts(shared)
+        t0 = time.perf_counter()
         with self.sampling.swapped_in():
             traj = run.rollout(prompts, local, sampler="ode")
         rewards = run.score(traj)
+        t_rollout = time.perf_counter() - t0
         sample_groups = groups.repeat_interleave(cfg.group_size)
         all_rewards = run.gather(rewards)
         adv = run.local_slice(group_advantages(all_rewards, run.gather(sample_groups), global_std=cfg.global_std,
@@ -147,7 +150,12 @@ class CRD:
             self.old.update(self.old_schedule(run.step))
             self.sampling.update(self.sampling_schedule(run.step))
         mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
+        t_train = time.perf_counter() - t0 - t_rollout
+        n = len(all_rewards)
         return {"reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std().item(),
+                "time/rollout_s": t_rollout, "time/train_s": t_train,
+                "throughput/rollout_samples_per_s": n / t_rollout,
+                "throughput/train_samples_per_s": n / max(t_train, 1e-9),
                 "train/crd_loss": mean(stats["crd"]), "train/kl": mean(stats["kl"]),
                 "train/implicit_reward": mean(stats["implicit"]), "train/grad_norm": mean(stats["grad_norm"])}
 

@@ -14,6 +14,7 @@ are ODE steps and only the window is trained.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -85,8 +86,10 @@ class GRPO:
 
         cfg = self.cfg
         prompts, groups = run.epoch_prompts(shared)
+        t0 = time.perf_counter()
         traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta, sde_window=sde_window(cfg, shared))
         rewards = run.score(traj)
+        t_rollout = time.perf_counter() - t0
         sample_groups = groups.repeat_interleave(cfg.group_size)
         all_rewards, all_groups = run.gather(rewards), run.gather(sample_groups)
         adv_all = group_advantages(all_rewards, all_groups, global_std=cfg.global_std, clip=cfg.adv_clip)
@@ -127,7 +130,12 @@ class GRPO:
                     stats["clip_frac"].append(info["clip_frac"].item())
                 stats["grad_norm"].append(run.optimizer_step())
         mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
+        t_train = time.perf_counter() - t0 - t_rollout
+        n = len(all_rewards)
         return {"reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std().item(),
+                "time/rollout_s": t_rollout, "time/train_s": t_train,
+                "throughput/rollout_samples_per_s": n / t_rollout,
+                "throughput/train_samples_per_s": n / max(t_train, 1e-9),
                 "train/loss": mean(stats["loss"]), "train/kl": mean(stats["kl"]),
                 "train/ratio_dev": max(stats["ratio_dev"]), "train/onpolicy_ratio_dev": first_ratio_dev,
                 "train/clip_frac": mean(stats["clip_frac"]), "train/grad_norm": mean(stats["grad_norm"])}
