@@ -54,6 +54,8 @@ def run(algo: str, overrides: list[str]) -> dict:
     epochs = [r for r in history if "time/epoch_s" in r]
     result.update({"history": history, "samples_per_epoch": n,
                    "samples_per_s": n * len(epochs) / sum(r["time/epoch_s"] for r in epochs),
+                   "rollout_samples_per_s": n * len(epochs) / sum(r["time/rollout_s"] for r in epochs),
+                   "train_samples_per_s": n * len(epochs) / sum(r["time/train_s"] for r in epochs),
                    "optimizer_steps": history[-1]["step"], "run": str(out.relative_to(ROOT))})
     return result
 
@@ -92,7 +94,8 @@ def main() -> None:
     plot(results, RESULTS / "alignment_shapes.png")
     for algo, res in results.items():
         s = res["summary"]
-        print(f"{algo}: {res['seconds']:.0f} s, {res['optimizer_steps']} steps, {res['samples_per_s']:.1f} samples/s, "
+        print(f"{algo}: {res['seconds']:.0f} s, {res['optimizer_steps']} steps, {res['samples_per_s']:.1f} samples/s "
+              f"(rollout {res['rollout_samples_per_s']:.1f}, training {res['train_samples_per_s']:.1f}), "
               f"peak RSS {res['peak_rss_mib']:.0f} MiB")
         for k in s.get("after", {}):
             if k.startswith("eval/"):
