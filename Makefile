@@ -17,7 +17,7 @@ install-dev: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH) -e ".[dev,video]"
 
 demo: install
-	$(BIN)/flowalign demo --out runs/demo
+	$(BIN)/flowalign train configs/crd/shapes.yaml out=runs/demo
 
 test: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_toy2d_alignment.py [--epochs 30] [--n 2000]
 
-Trains ``configs/grpo/toy2d.yaml`` and ``configs/crd/toy2d.yaml`` (class "8gaussians", reward ``toy2d-linear``,
+Trains ``configs/grpo/toy2d.yaml`` and ``configs/crd/toy2d.yaml`` (frozen reference), and CRD with the paper's
+trailing old snapshot and KL anchor (class "8gaussians", reward ``toy2d-linear``,
 r = y) and compares ODE samples of the base and the aligned models with p* ∝ p_base exp(r / beta_eff), drawn by
 importance resampling of 20,000 base samples.
 
@@ -61,9 +62,12 @@ def main() -> None:
     base = ode_samples(base_model, args.n, seed=2)
     std_r = reward(pool, None).std().item()
     trained = {}
-    for name, schema, train in (("grpo", GRPOConfig, train_grpo), ("crd", CRDConfig, train_crd)):
-        cfg = load_config(schema, str(ROOT / "configs" / name / "toy2d.yaml"),
-                          [f"epochs={args.epochs}", f"out={ROOT / 'runs' / f'bench-toy2d-{name}'}", "progress=false"])
+    moving = ["old_decay=0-0.25-0.005-0.999", "kl_beta=0.1"]  # the paper's trailing old snapshot and KL anchor
+    for name, schema, train, extra in (("grpo", GRPOConfig, train_grpo, []), ("crd", CRDConfig, train_crd, []),
+                                       ("crd (moving old snapshot)", CRDConfig, train_crd, moving)):
+        cfg = load_config(schema, str(ROOT / "configs" / name.split()[0] / "toy2d.yaml"),
+                          [f"epochs={args.epochs}", f"out={ROOT / 'runs' / f'bench-toy2d-{name.split()[0]}'}",
+                           "progress=false", *extra])
         model = fa.load_model("toy2d")
         train(cfg, model=model)
         trained[name] = (cfg, ode_samples(model, args.n, seed=2))

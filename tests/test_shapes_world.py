@@ -21,7 +21,7 @@ def test_loads_by_name_with_its_settings(shapes):
     assert shapes.max_sequence_length == 0 and shapes.default_guidance_scale == zoo.settings("shapes-sd3")[
         "guidance_scale"]
     traj = fa.sample(shapes, ["a red circle"], num_steps=4, generator=gen(0))
-    assert traj.images.shape == (1, 3, 32, 32) and traj.latents.shape == (1, 5, 4, 8, 8)
+    assert traj.images.shape == (1, 3, 32, 32) and traj.latents.shape == (1, 5, 4, 16, 16)
 
 
 def test_plain_diffusers_pipeline_gives_the_same_samples(shapes):

@@ -110,6 +110,10 @@ class CRD:
                                                clip=cfg.adv_clip), len(rewards))
         r01 = advantage_to_unit(adv, cfg.adv_clip)
         kl_gs = model.guidance_or_default(cfg.kl_guidance_scale)
+        cond = traj.cond
+        if cfg.kl_beta > 0 and kl_gs > 1 and cond.uncond is None:  # CFG-free rollouts: the KL reference needs CFG
+            with torch.no_grad():
+                cond = model.encode(prompts, guidance_scale=kl_gs).repeat_interleave(cfg.group_size)
         n_groups = len(prompts)
         per_batch = cfg.train_batch_size // cfg.group_size
         stats: dict[str, list[float]] = {"crd": [], "kl": [], "implicit": [], "grad_norm": []}
@@ -117,7 +121,7 @@ class CRD:
         for start in range(0, n_groups, per_batch):
             gidx = order[start:start + per_batch]
             mb = (gidx[:, None] * cfg.group_size + torch.arange(cfg.group_size)).flatten()
-            sub = traj.index(mb)
+            sub, sub_cond = traj.index(mb), cond.index(mb)
             x0 = sub.x0.to(model.device)
             r_mb, g_mb = r01[mb].to(model.device), sample_groups[mb].to(model.device)
             for _ in range(cfg.train_timesteps):
@@ -129,13 +133,13 @@ class CRD:
                 # would invalidate the saved tensors of its backward
                 with torch.no_grad(), run.unwrapped(), run.autocast():
                     with self.old.swapped_in():
-                        v_old = model.velocity(xt, sigma, sub.cond, 1.0)
+                        v_old = model.velocity(xt, sigma, sub_cond, 1.0)
                     v_ref = None
                     if cfg.kl_beta > 0:
                         with run.reference():
-                            v_ref = model.velocity(xt, sigma, sub.cond, kl_gs)
+                            v_ref = model.velocity(xt, sigma, sub_cond, kl_gs)
                 with run.autocast():
-                    v = model.velocity(xt, sigma, sub.cond, 1.0)
+                    v = model.velocity(xt, sigma, sub_cond, 1.0)
                 r_theta = implicit_reward(v, v_old, target)
                 loss = crd_loss(r_theta, r_mb, g_mb, cfg.beta)
                 kl = torch.zeros((), device=loss.device)

@@ -52,6 +52,7 @@ class TrainConfig:
     eval_every: int = field(5, "Evaluate every this many epochs (0: only before and after training).")
     eval_num: int = field(48, "Held-out prompts per evaluation (balanced over categories on shapes).")
     eval_steps: int = field(20, "ODE steps at evaluation.")
+    eval_guidance_scale: float | None = field(None, "CFG scale at evaluation; null = guidance_scale.")
     epochs: int = field(20, "Epochs; each draws fresh rollouts and takes one or more optimizer steps.")
     groups_per_epoch: int = field(8, "Prompts per epoch (over all processes); each gets group_size samples.")
     group_size: int = field(8, "Samples per prompt (K); advantages are computed within these groups.")
@@ -124,8 +125,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def _resume_key(cfg: TrainConfig) -> dict:
     """Settings a resumed run must share with its checkpoint (it may run longer, log or evaluate differently)."""
     free = {"epochs", "resume", "out", "progress", "log_with", "eval_every", "eval_num", "eval_steps",
-            "eval_prompts", "eval_rewards", "save_every", "keep_checkpoints", "threads", "device",
-            "save_rollout_stats"}
+            "eval_guidance_scale", "eval_prompts", "eval_rewards", "save_every", "keep_checkpoints", "threads",
+            "device", "save_rollout_stats"}
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
 
 
@@ -326,8 +327,9 @@ class Run:
         with ema, self.unwrapped(), self.autocast():
             for i in range(0, len(self.eval_prompts), self.cfg.rollout_batch_size):
                 traj = fa.sample(self.model, self.eval_prompts[i:i + self.cfg.rollout_batch_size],
-                                 num_steps=self.cfg.eval_steps, guidance_scale=self.cfg.guidance_scale,
-                                 generator=gen, **self.size())
+                                 num_steps=self.cfg.eval_steps, generator=gen, **self.size(),
+                                 guidance_scale=self.cfg.eval_guidance_scale if self.cfg.eval_guidance_scale
+                                 is not None else self.cfg.guidance_scale)
                 images.append(traj.images.float().cpu())
         images = torch.cat(images)
         out = {}
