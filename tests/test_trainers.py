@@ -111,10 +111,11 @@ def _tiny(tmp_path, schema, **kw):
 
 
 @pytest.mark.parametrize("schema,train", [(GRPOConfig, train_grpo), (CRDConfig, train_crd)])
-def test_one_epoch_changes_every_trainable_parameter(tmp_path, schema, train):
+def test_training_changes_every_trainable_parameter(tmp_path, schema, train):
     import flowalign as fa
 
-    cfg = _tiny(tmp_path, schema, task=schema.__dataclass_fields__["task"].default)
+    # two optimizer steps: LoRA starts with B = 0, so A's first gradient is exactly zero
+    cfg = _tiny(tmp_path, schema, task=schema.__dataclass_fields__["task"].default, epochs=2)
     model = fa.load_model("tiny-sd3")
     seen = {}
 
@@ -134,7 +135,11 @@ def test_one_epoch_changes_every_trainable_parameter(tmp_path, schema, train):
         loop.Run.__init__ = orig
     after = seen["run"].params
     assert len(after) > 0 and all(p.requires_grad for p in after)
-    unchanged = [n for n, a, b in zip(seen["run"].param_names, seen["before"], after) if torch.equal(a, b.detach())]
+    # SD3's last block discards its context stream, so LoRA on that block's context-query projection gets no gradient
+    last = max(int(n.split(".")[1]) for n in seen["run"].param_names if n.startswith("transformer_blocks."))
+    dead = f"transformer_blocks.{last}.attn.add_q_proj."
+    unchanged = [n for n, a, b in zip(seen["run"].param_names, seen["before"], after)
+                 if torch.equal(a, b.detach()) and not n.startswith(dead)]
     assert not unchanged, f"parameters that did not train: {unchanged[:5]}"
     rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [v for r in rec for k, v in r.items() if k.startswith("train/") and "loss" in k]
@@ -165,7 +170,7 @@ def test_short_toy2d_run_raises_the_reward(tmp_path, algo):
     schema, train = (GRPOConfig, train_grpo) if algo == "grpo" else (CRDConfig, train_crd)
     extra = {"clip_range": 0.01, "beta": 0.0} if algo == "grpo" else {}
     cfg = load_config(schema, {"task": algo, "model": "toy2d", "reward": "toy2d-linear", "prompts": "toy2d:8gaussians",
-                               "eval_prompts": None, "epochs": 12, "groups_per_epoch": 4, "group_size": 16,
+                               "eval_prompts": None, "epochs": 16, "groups_per_epoch": 4, "group_size": 16,
                                "num_steps": 8, "rollout_batch_size": 64, "train_batch_size": 64, "lora_rank": 8,
                                "lr": 1e-3, "out": str(tmp_path / "run"), "save_every": 0, "progress": False,
                                "log_with": "none", **extra})
