@@ -48,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--crd-beta", type=float, help="CRD's beta (default: the config's 1.0); smaller = a stronger tilt")
     args = ap.parse_args()
 
     import flowalign as fa
@@ -67,7 +68,8 @@ def main() -> None:
                                        ("crd (moving old snapshot)", CRDConfig, train_crd, moving)):
         cfg = load_config(schema, str(ROOT / "configs" / name.split()[0] / "toy2d.yaml"),
                           [f"epochs={args.epochs}", f"out={ROOT / 'runs' / f'bench-toy2d-{name.split()[0]}'}",
-                           "progress=false", *extra])
+                           "progress=false", *extra,
+                           *([f"beta={args.crd_beta}"] if args.crd_beta and name.startswith("crd") else [])])
         model = fa.load_model("toy2d")
         train(cfg, model=model)
         trained[name] = (cfg, ode_samples(model, args.n, seed=2))
@@ -84,7 +86,8 @@ def main() -> None:
             samples_plot = {**samples, "p* (importance)": target}
     out["mean_reward"] = {k: reward(v, None).mean().item() for k, v in samples.items()}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "toy2d_alignment.json").write_text(json.dumps(out, indent=2))
+    tag = f"_beta{args.crd_beta:g}" if args.crd_beta else ""
+    (RESULTS / f"toy2d_alignment{tag}.json").write_text(json.dumps(out, indent=2))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +97,7 @@ def main() -> None:
     for ax, (name, pts) in zip(axes, samples_plot.items()):
         plot(pts, ax=ax, title=f"{name}: mean r {reward(pts, None).mean().item():.2f}")
     fig.tight_layout()
-    fig.savefig(RESULTS / "toy2d_alignment.png", dpi=110)
+    fig.savefig(RESULTS / f"toy2d_alignment{tag}.png", dpi=110)
     print(json.dumps(out, indent=2))
 
 
