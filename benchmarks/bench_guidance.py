@@ -85,20 +85,23 @@ def run(args) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Verifier accuracy and proxy reward against model evaluations per prompt, one point per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in rows.items():
-        ax.scatter(r["nfe"], r["accuracy"]["overall"], s=40)
-        ax.annotate(name, (r["nfe"], r["accuracy"]["overall"]), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")
-    ax.set_xlabel("model evaluations (velocity calls) per prompt")
-    ax.set_ylabel("verifier accuracy (shapes test split)")
-    ax.set_title(f"shapes-sd3, {result['prompts']} held-out prompts, {result['steps']} steps")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, key, label in ((axes[0], "accuracy", "verifier accuracy (shapes test split)"),
+                           (axes[1], "shapes_clip", "shapes-clip (proxy)")):
+        for name, r in rows.items():
+            y = r[key]["overall"] if key == "accuracy" else r[key]
+            ax.scatter(r["nfe"], y, s=40)
+            ax.annotate(name, (r["nfe"], y), fontsize=6, xytext=(4, 2), textcoords="offset points")
+        ax.set_xlabel("model evaluations (velocity calls) per prompt")
+        ax.set_ylabel(label)
+    fig.suptitle(f"shapes-sd3, {result['prompts']} held-out prompts, {result['steps']} steps")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
