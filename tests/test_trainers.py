@@ -178,3 +178,12 @@ def test_short_toy2d_run_raises_the_reward(tmp_path, algo):
     r = [json.loads(line)["reward/mean"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first, last = sum(r[:3]) / 3, sum(r[-3:]) / 3
     assert last > first + 0.2, r
+
+
+def test_crd_cfg_free_rollouts_keep_a_cfg_kl_reference(tmp_path):
+    # CFG-free rollouts carry no negative-prompt conditioning; the KL reference at CFG > 1 needs it re-encoded
+    cfg = _tiny(tmp_path, CRDConfig, task="crd", guidance_scale=1.0, kl_guidance_scale=4.0, kl_beta=0.5,
+                eval_prompts=str(tmp_path / "p.txt"), eval_guidance_scale=1.0, eval_num=2, eval_steps=2)
+    summary = train_crd(cfg)
+    rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rec[-1]["train/kl"] > 0 and "eval/jpeg-compressibility" in summary["after"]
