@@ -27,9 +27,9 @@ import time
 import torch
 
 from flowalign.config import _require, field, load_config
-from flowalign.functional.advantages import advantage_to_unit, group_advantages
+from flowalign.functional.advantages import advantage_to_unit
 from flowalign.functional.crd import adaptive_kl_weight, crd_loss, implicit_reward
-from flowalign.trainers.loop import TrainConfig, run_task
+from flowalign.trainers.loop import TrainConfig, epoch_metrics, mean, run_task
 from flowalign.trainers.snapshot import DecaySchedule, Snapshot
 
 
@@ -105,9 +105,7 @@ class CRD:
         rewards = run.score(traj)
         t_rollout = time.perf_counter() - t0
         sample_groups = groups.repeat_interleave(cfg.group_size)
-        all_rewards = run.gather(rewards)
-        adv = run.local_slice(group_advantages(all_rewards, run.gather(sample_groups), global_std=cfg.global_std,
-                                               clip=cfg.adv_clip), len(rewards))
+        adv, all_rewards = run.advantages(rewards, sample_groups, epoch, cfg.global_std, cfg.adv_clip)
         r01 = advantage_to_unit(adv, cfg.adv_clip)
         kl_gs = model.guidance_or_default(cfg.kl_guidance_scale)
         cond = traj.cond
@@ -153,15 +151,9 @@ class CRD:
             stats["grad_norm"].append(run.optimizer_step())
             self.old.update(self.old_schedule(run.step))
             self.sampling.update(self.sampling_schedule(run.step))
-        mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
-        t_train = time.perf_counter() - t0 - t_rollout
-        n = len(all_rewards)
-        return {"reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std().item(),
-                "time/rollout_s": t_rollout, "time/train_s": t_train,
-                "throughput/rollout_samples_per_s": n / t_rollout,
-                "throughput/train_samples_per_s": n / max(t_train, 1e-9),
-                "train/crd_loss": mean(stats["crd"]), "train/kl": mean(stats["kl"]),
-                "train/implicit_reward": mean(stats["implicit"]), "train/grad_norm": mean(stats["grad_norm"])}
+        return epoch_metrics(all_rewards, t_rollout, time.perf_counter() - t0 - t_rollout,
+                             crd_loss=mean(stats["crd"]), kl=mean(stats["kl"]), implicit_reward=mean(stats["implicit"]),
+                             grad_norm=mean(stats["grad_norm"]))
 
 
 def train_crd(cfg: CRDConfig, model=None, reward=None) -> dict:

@@ -19,9 +19,8 @@ import time
 import torch
 
 from flowalign.config import _require, field, load_config
-from flowalign.functional.advantages import group_advantages
 from flowalign.functional.policy import gaussian_mean_kl, ppo_clip_loss
-from flowalign.trainers.loop import TrainConfig, run_task
+from flowalign.trainers.loop import TrainConfig, epoch_metrics, mean, run_task
 
 SDE_SAMPLERS = ("flow-sde", "dance-sde", "cps")
 
@@ -90,15 +89,8 @@ class GRPO:
         traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta, sde_window=sde_window(cfg, shared))
         rewards = run.score(traj)
         t_rollout = time.perf_counter() - t0
-        sample_groups = groups.repeat_interleave(cfg.group_size)
-        all_rewards, all_groups = run.gather(rewards), run.gather(sample_groups)
-        adv_all = group_advantages(all_rewards, all_groups, global_std=cfg.global_std, clip=cfg.adv_clip)
-        adv = run.local_slice(adv_all, len(rewards))
-        if cfg.save_rollout_stats:
-            path = run.out / "rollouts" / f"epoch-{epoch:04d}-rank{run.accelerator.process_index}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"rewards": rewards, "groups": sample_groups, "advantages": adv, "all_rewards": all_rewards,
-                        "all_groups": all_groups}, path)
+        adv, all_rewards = run.advantages(rewards, groups.repeat_interleave(cfg.group_size), epoch, cfg.global_std,
+                                          cfg.adv_clip)
         steps = traj.stochastic.nonzero().flatten()
         n_train = max(1, round(cfg.timestep_fraction * len(steps)))
         stats: dict[str, list[float]] = {"loss": [], "kl": [], "ratio_dev": [], "clip_frac": [], "grad_norm": []}
@@ -115,12 +107,12 @@ class GRPO:
                         with torch.no_grad(), run.reference(), run.autocast():
                             _, ref_mean, _ = log_prob(run.model, sub, steps=[j], with_mean=True)
                     with run.autocast():
-                        lp, mean, std = log_prob(run.model, sub, steps=[j], with_mean=True)
+                        lp, step_mean, std = log_prob(run.model, sub, steps=[j], with_mean=True)
                     loss, info = ppo_clip_loss(lp[:, 0], sub.log_probs[:, j].to(lp.device), adv[mb].to(lp.device),
                                                cfg.clip_range)
                     kl = torch.zeros((), device=lp.device)
                     if ref_mean is not None:
-                        kl = gaussian_mean_kl(mean[:, 0], ref_mean[:, 0], std[:, 0]).mean()
+                        kl = gaussian_mean_kl(step_mean[:, 0], ref_mean[:, 0], std[:, 0]).mean()
                     run.backward((loss + cfg.beta * kl) / len(train_steps))
                     if first_ratio_dev is None:
                         first_ratio_dev = info["ratio_dev"].item()
@@ -129,16 +121,10 @@ class GRPO:
                     stats["ratio_dev"].append(info["ratio_dev"].item())
                     stats["clip_frac"].append(info["clip_frac"].item())
                 stats["grad_norm"].append(run.optimizer_step())
-        mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
-        t_train = time.perf_counter() - t0 - t_rollout
-        n = len(all_rewards)
-        return {"reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std().item(),
-                "time/rollout_s": t_rollout, "time/train_s": t_train,
-                "throughput/rollout_samples_per_s": n / t_rollout,
-                "throughput/train_samples_per_s": n / max(t_train, 1e-9),
-                "train/loss": mean(stats["loss"]), "train/kl": mean(stats["kl"]),
-                "train/ratio_dev": max(stats["ratio_dev"]), "train/onpolicy_ratio_dev": first_ratio_dev,
-                "train/clip_frac": mean(stats["clip_frac"]), "train/grad_norm": mean(stats["grad_norm"])}
+        return epoch_metrics(all_rewards, t_rollout, time.perf_counter() - t0 - t_rollout,
+                             loss=mean(stats["loss"]), kl=mean(stats["kl"]), ratio_dev=max(stats["ratio_dev"]),
+                             onpolicy_ratio_dev=first_ratio_dev, clip_frac=mean(stats["clip_frac"]),
+                             grad_norm=mean(stats["grad_norm"]))
 
 
 def train_grpo(cfg: GRPOConfig, model=None, reward=None) -> dict:

@@ -239,6 +239,22 @@ class Run:
         i = self.accelerator.process_index
         return full[i * n_local:(i + 1) * n_local]
 
+    def advantages(self, rewards: torch.Tensor, groups: torch.Tensor, epoch: int, global_std: bool, clip: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advantages of this process's samples, standardised over every process's samples of each prompt group;
+        returns ``(local advantages, all rewards)`` and, with save_rollout_stats, writes them to out/rollouts/."""
+        from flowalign.functional.advantages import group_advantages
+
+        all_rewards, all_groups = self.gather(rewards), self.gather(groups)
+        adv = self.local_slice(group_advantages(all_rewards, all_groups, global_std=global_std, clip=clip),
+                               len(rewards))
+        if self.cfg.save_rollout_stats:
+            path = self.out / "rollouts" / f"epoch-{epoch:04d}-rank{self.accelerator.process_index}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"rewards": rewards, "groups": groups, "advantages": adv, "all_rewards": all_rewards,
+                        "all_groups": all_groups}, path)
+        return adv, all_rewards
+
     def backward(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"The training loss is {loss.item()} at step {self.step}; lower the learning "
@@ -480,6 +496,19 @@ class Run:
         tracker.log(record, step=record["step"])
         if any(k.startswith("eval/") for k in record):
             tracker.log_image("eval/samples", self.last_grid, step=record["step"])
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))
+
+
+def epoch_metrics(all_rewards: torch.Tensor, t_rollout: float, t_train: float, **train: float) -> dict:
+    """The record every algorithm's epoch returns: rollout reward, phase times, throughput, ``train/<name>``."""
+    n = len(all_rewards)
+    return {"reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std().item(),
+            "time/rollout_s": t_rollout, "time/train_s": t_train,
+            "throughput/rollout_samples_per_s": n / max(t_rollout, 1e-9),
+            "throughput/train_samples_per_s": n / max(t_train, 1e-9), **{f"train/{k}": v for k, v in train.items()}}
 
 
 def _num(v: Any) -> float:
