@@ -3,7 +3,7 @@
     python benchmarks/bench_alignment.py [--algos grpo crd] [--epochs N] [key=value ...]
 
 Runs each algorithm's ``configs/<algo>/shapes.yaml`` (extra ``key=value`` overrides apply to all), one after
-the other in this process, then writes ``results/alignment_shapes.json`` and ``results/alignment_shapes.png``:
+the other in this process, then writes ``results/alignment_shapes[-TAG].json`` and ``.png``:
 evaluation curves per epoch and per second, rollout and training throughput (samples/s) and the peak resident
 memory of each run (a fresh subprocess per run, so peaks do not mix).
 """
@@ -39,8 +39,8 @@ print("RESULT", json.dumps({"seconds": time.perf_counter() - t,
 """
 
 
-def run(algo: str, overrides: list[str]) -> dict:
-    out = ROOT / "runs" / f"bench-{algo}"
+def run(algo: str, overrides: list[str], tag: str = "") -> dict:
+    out = ROOT / "runs" / f"bench-{algo}{tag}"
     cmd = [sys.executable, "-c", RUNNER, str(ROOT / "configs" / algo / "shapes.yaml"), f"out={out}",
            "progress=false", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -86,12 +86,14 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algos", nargs="+", default=["grpo", "crd"])
+    ap.add_argument("--tag", default="", help="suffix for the run folders and result files (e.g. verifier)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args()
-    results = {a: run(a, args.overrides) for a in args.algos}
+    tag = f"-{args.tag}" if args.tag else ""
+    results = {a: run(a, args.overrides, tag) for a in args.algos}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "alignment_shapes.json").write_text(json.dumps(results, indent=2))
-    plot(results, RESULTS / "alignment_shapes.png")
+    (RESULTS / f"alignment_shapes{tag}.json").write_text(json.dumps(results, indent=2))
+    plot(results, RESULTS / f"alignment_shapes{tag}.png")
     for algo, res in results.items():
         s = res["summary"]
         print(f"{algo}: {res['seconds']:.0f} s, {res['optimizer_steps']} steps, {res['samples_per_s']:.1f} samples/s "

@@ -94,6 +94,19 @@ def test_decay_schedule_and_snapshot():
     assert p.detach().eq(1.0).all()
 
 
+def test_shapes_training_prompts_follow_the_base_category_mix():
+    # uniform over unique captions would be ~80% position prompts, which the base almost never passes
+    from collections import Counter
+
+    from flowalign.trainers.data import categories_of, load_prompts
+
+    for split in ("train", "test"):
+        prompts = load_prompts(f"shapes-{split}")
+        share = {c: n / len(prompts) for c, n in Counter(categories_of(prompts)).items()}
+        assert abs(share["single"] - 0.2) < 0.03 and abs(share["position"] - 0.25) < 0.03, share
+        assert prompts == load_prompts(f"shapes-{split}")  # a fixed draw
+
+
 def test_sde_window_is_inside_the_leading_range():
     cfg = load_config(GRPOConfig, {"num_steps": 10, "sde_window_size": 2, "sde_window_range": 0.5})
     starts = {sde_window(cfg, torch.Generator().manual_seed(i))[0] for i in range(50)}

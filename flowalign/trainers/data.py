@@ -7,12 +7,16 @@ from pathlib import Path
 
 #: built-in sources: the shapes world's training and held-out captions
 SHAPES_SOURCES = ("shapes-train", "shapes-test")
+SHAPES_DRAWS = 4096
 
 
 def load_prompts(source: str, limit: int | None = None) -> list[str]:
     """Prompts from ``shapes-train`` / ``shapes-test``, ``toy2d:<class>[,<class>...]`` (toy2d class names), a
     ``.txt`` file (one per line) or a ``.jsonl`` file (one object per line with a ``"prompt"`` key). Blank lines
-    are skipped; the order is kept."""
+    are skipped; the order is kept.
+
+    A shapes split gives :data:`SHAPES_DRAWS` captions drawn (fixed seed) with the category proportions the base
+    model was trained on, so a uniform pick from the list is not dominated by the many position compositions."""
     if source.startswith("toy2d:"):
         from flowalign.zoo.toy2d import CLASS_NAMES
 
@@ -24,7 +28,7 @@ def load_prompts(source: str, limit: int | None = None) -> list[str]:
         from flowalign.zoo import shapes_data
 
         split = source.split("-", 1)[1]
-        prompts = sorted({s.caption() for cat in shapes_data.CATEGORIES for s in shapes_data.specs_for(split, cat)})
+        prompts = [s.caption() for s in shapes_data.sample_specs(SHAPES_DRAWS, split, seed=0)]
     else:
         path = Path(source)
         if not path.is_file():
