@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 RESULTS = Path(__file__).parent / "results"
 DATA = RESULTS / ".sd3_recipe_data.pt"
@@ -50,7 +49,7 @@ def prepare(path: Path = DATA) -> None:
 def train(batch: int, lr: float, samples: int, seed: int = 0) -> dict:
     from diffusers import SD3Transformer2DModel
 
-    from flowalign.zoo.build_shapes import _cosine_lr, _ema
+    from flowalign.zoo.build_shapes import _cosine_lr, _ema, flow_matching_loss
 
     torch.set_num_threads(1)
     data = torch.load(DATA)
@@ -72,8 +71,8 @@ def train(batch: int, lr: float, samples: int, seed: int = 0) -> dict:
         losses = []
         for i in range(0, n, 128):
             s, x0, e, c = vs[i:i + 128, None, None, None], vx0[i:i + 128], veps[i:i + 128], vc[i:i + 128]
-            v = ema(hidden_states=(1 - s) * x0 + s * e, timestep=s.flatten() * 1000, encoder_hidden_states=te["embs"][c],
-                    pooled_projections=te["pooled"][c], return_dict=False)[0]
+            v = ema(hidden_states=(1 - s) * x0 + s * e, timestep=s.flatten() * 1000,
+                    encoder_hidden_states=te["embs"][c], pooled_projections=te["pooled"][c], return_dict=False)[0]
             losses.append(((v - (e - x0)) ** 2).mean((1, 2, 3)))
         loss = torch.cat(losses)
         bands = {"all": torch.ones_like(vs, dtype=torch.bool), "sigma<0.35": vs < 0.35,
@@ -82,14 +81,7 @@ def train(batch: int, lr: float, samples: int, seed: int = 0) -> dict:
 
     t0, log = time.perf_counter(), []
     for step in range(steps):
-        b = torch.randint(len(tr["lat"]), (batch,), generator=g)
-        x0, c = tr["lat"][b], tr["cap"][b].clone()
-        c[torch.rand(batch, generator=g) < 0.1] = tr["empty"]
-        eps = torch.randn(x0.shape, generator=g)
-        s = torch.sigmoid(torch.randn(batch, generator=g))[:, None, None, None]
-        v = model(hidden_states=(1 - s) * x0 + s * eps, timestep=s.flatten() * 1000,
-                  encoder_hidden_states=tr["embs"][c], pooled_projections=tr["pooled"][c], return_dict=False)[0]
-        loss = F.mse_loss(v, eps - x0)
+        loss = flow_matching_loss(model, tr["lat"], tr["embs"], tr["pooled"], tr["cap"], tr["empty"], batch, 0.1, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

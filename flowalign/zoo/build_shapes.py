@@ -214,6 +214,22 @@ def text_encoder_from_clip(clip_dir: Path):
     return te.eval()
 
 
+def flow_matching_loss(transformer, lat, embs, pooled, cap_idx, empty: int, batch: int, caption_dropout: float,
+                       g: torch.Generator) -> torch.Tensor:
+    """One rectified-flow batch: ``batch`` latents drawn from ``lat``, captions dropped to ``empty`` at
+    ``caption_dropout``, logit-normal(0, 1) sigmas; the MSE of the predicted velocity against ``eps - x0``."""
+    b = torch.randint(len(lat), (batch,), generator=g)
+    x0 = lat[b]
+    c = cap_idx[b].clone()
+    c[torch.rand(len(b), generator=g) < caption_dropout] = empty
+    eps = torch.randn(x0.shape, generator=g)
+    sigma = torch.sigmoid(torch.randn(len(b), generator=g))
+    xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * eps
+    v = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=embs[c],
+                    pooled_projections=pooled[c], return_dict=False)[0]
+    return F.mse_loss(v, eps - x0)
+
+
 def train_sd3(cfg: BuildConfig, images: torch.Tensor, captions: list[str], vae, clip_dir: Path, out: Path) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -250,16 +266,7 @@ def train_sd3(cfg: BuildConfig, images: torch.Tensor, captions: list[str], vae, 
     bar = tqdm(range(cfg.sd3_steps), desc="shapes-sd3", leave=False)
     losses, curve = [], []
     for step in bar:
-        b = torch.randint(len(lat), (cfg.sd3_batch,), generator=g)
-        x0 = lat[b]
-        c = cap_idx[b].clone()
-        c[torch.rand(len(b), generator=g) < cfg.caption_dropout] = empty
-        eps = torch.randn(x0.shape, generator=g)
-        sigma = torch.sigmoid(torch.randn(len(b), generator=g))  # logit-normal(0, 1)
-        xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * eps
-        v = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=embs[c],
-                        pooled_projections=pooled[c], return_dict=False)[0]
-        loss = F.mse_loss(v, eps - x0)
+        loss = flow_matching_loss(transformer, lat, embs, pooled, cap_idx, empty, cfg.sd3_batch, cfg.caption_dropout, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
