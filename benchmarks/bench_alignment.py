@@ -20,7 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 
 RUNNER = r"""
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
+parent = os.getppid()
+def orphaned():  # stop when the benchmark that started this run is killed
+    while os.getppid() == parent:
+        time.sleep(2)
+    os._exit(1)
+threading.Thread(target=orphaned, daemon=True).start()
 from flowalign.config import load_config
 from flowalign.trainers import TASKS
 import importlib
