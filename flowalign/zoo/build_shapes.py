@@ -214,6 +214,34 @@ def text_encoder_from_clip(clip_dir: Path):
     return te.eval()
 
 
+def shapes_transformer(size: int = 32):
+    """shapes-sd3's transformer, freshly initialised: patch 2 on the VAE's (size/2)^2 latents, 4 joint blocks."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=size // 2, patch_size=2, in_channels=4, num_layers=4,
+                                 attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
+                                 caption_projection_dim=128, pooled_projection_dim=128, out_channels=4,
+                                 pos_embed_max_size=size // 4)
+
+
+@torch.no_grad()
+def encode_dataset(pipe, images: torch.Tensor, captions: list[str]):
+    """Scaled VAE latents of ``images`` and every distinct caption's text embeddings (plus the empty prompt used
+    for CFG), encoded once, exactly as the pipeline does: ``(latents, embeds, pooled, caption index, empty index)``."""
+    uniq = sorted(set(captions)) + [""]
+    embs, pooled = [], []
+    for i in range(0, len(uniq), 256):
+        e, _, p, _ = pipe.encode_prompt(uniq[i:i + 256], None, None, do_classifier_free_guidance=False,
+                                        max_sequence_length=0)
+        embs.append(e)
+        pooled.append(p)
+    vae = pipe.vae
+    lat = torch.cat([vae.encode(images[i:i + 512] * 2 - 1).latent_dist.mode() for i in range(0, len(images), 512)])
+    lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+    index = {c: i for i, c in enumerate(uniq)}
+    return lat, torch.cat(embs), torch.cat(pooled), torch.tensor([index[c] for c in captions]), index[""]
+
+
 def flow_matching_loss(transformer, lat, embs, pooled, cap_idx, empty: int, batch: int, caption_dropout: float,
                        g: torch.Generator) -> torch.Tensor:
     """One rectified-flow batch: ``batch`` latents drawn from ``lat``, captions dropped to ``empty`` at
@@ -231,33 +259,16 @@ def flow_matching_loss(transformer, lat, embs, pooled, cap_idx, empty: int, batc
 
 
 def train_sd3(cfg: BuildConfig, images: torch.Tensor, captions: list[str], vae, clip_dir: Path, out: Path) -> dict:
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     te = text_encoder_from_clip(clip_dir)
     tok = tokenizer()
     torch.manual_seed(cfg.seed)
-    transformer = SD3Transformer2DModel(sample_size=cfg.size // 2, patch_size=2, in_channels=4, num_layers=4,
-                                        attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
-                                        caption_projection_dim=128, pooled_projection_dim=128, out_channels=4,
-                                        pos_embed_max_size=cfg.size // 4)
+    transformer = shapes_transformer(cfg.size)
     pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(
         shift=1.0), text_encoder=te, tokenizer=tok, text_encoder_2=copy.deepcopy(te), tokenizer_2=tokenizer(),
         text_encoder_3=None, tokenizer_3=None)
-    # frozen text: encode every caption (and the empty prompt used for CFG) once, exactly as the pipeline does
-    uniq = sorted(set(captions)) + [""]
-    with torch.no_grad():
-        embs, pooled = [], []
-        for i in range(0, len(uniq), 256):
-            e, _, p, _ = pipe.encode_prompt(uniq[i:i + 256], None, None, do_classifier_free_guidance=False,
-                                            max_sequence_length=0)
-            embs.append(e)
-            pooled.append(p)
-        embs, pooled = torch.cat(embs), torch.cat(pooled)
-        lat = torch.cat([vae.encode(images[i:i + 512] * 2 - 1).latent_dist.mode() for i in range(0, len(images), 512)])
-        lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
-    index = {c: i for i, c in enumerate(uniq)}
-    cap_idx = torch.tensor([index[c] for c in captions])
-    empty = index[""]
+    lat, embs, pooled, cap_idx, empty = encode_dataset(pipe, images, captions)
     ema = copy.deepcopy(transformer).requires_grad_(False)
     transformer.train()
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.sd3_lr, weight_decay=0.0)
