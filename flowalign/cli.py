@@ -24,7 +24,8 @@ def _sample_parser(sub) -> None:
     p.add_argument("--model", help="Bundled name (tiny-sd3, tiny-flux, tiny-wan), local diffusers dir or hub id.")
     p.add_argument("--prompt", action="append", dest="prompts", help="A prompt (repeat for several).")
     p.add_argument("--prompts-file", help="Text file with one prompt per line.")
-    p.add_argument("--steps", type=int, dest="num_steps", help="Number of sampling steps (default 20).")
+    p.add_argument("--steps", type=int, dest="num_steps",
+                   help="Number of sampling steps (default: the model's own, 20 or a distilled student's).")
     p.add_argument("--sampler", help="ode | flow-sde | dance-sde | cps (default ode).")
     p.add_argument("--eta", type=float, help="SDE noise level (default: the sampler's own, 0.7/0.3/0.8).")
     p.add_argument("--cfg", type=float, dest="guidance_scale", help="Guidance scale (default: the model's own).")

@@ -95,7 +95,8 @@ class SampleConfig:
     model: str = field("tiny-sd3", "Bundled model name, local diffusers directory, or Hugging Face hub id.")
     prompts: list[str] = field([], "Prompts to sample, e.g. prompts='[a red circle,two blue squares]'.")
     prompts_file: str | None = field(None, "Text file with one prompt per line (added after `prompts`).")
-    num_steps: int = field(20, "Number of sampling steps (the model scheduler's own sigma schedule).")
+    num_steps: int | None = field(None, "Number of sampling steps (the model scheduler's own sigma schedule); "
+                                        "null = the model's own (20, or a distilled student's).")
     sampler: str = field(
         "ode",
         "Step rule: ode (deterministic Euler), flow-sde (Flow-GRPO), dance-sde (DanceGRPO), "
@@ -122,7 +123,8 @@ class SampleConfig:
     def __post_init__(self):
         check_choices(self)
         _require(self.guide_scale >= 0, "guide_scale", self.guide_scale, "must be >= 0", "guide_scale=5")
-        _require(self.num_steps >= 1, "num_steps", self.num_steps, "must be >= 1", "num_steps=20")
+        _require(self.num_steps is None or self.num_steps >= 1, "num_steps", self.num_steps, "must be >= 1",
+                 "num_steps=20")
         _require(self.eta is None or self.eta >= 0, "eta", self.eta, "must be >= 0", "eta=0.7")
         _require(
             self.guidance_scale is None or self.guidance_scale >= 0,

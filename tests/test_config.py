@@ -44,7 +44,7 @@ def _write(tmp_path, text, name="cfg.yaml"):
 def test_defaults_load_as_real_python_types():
     cfg = load_config(SampleConfig)
     assert cfg == SampleConfig()
-    assert (cfg.num_steps, cfg.sampler, cfg.eta, cfg.dtype) == (20, "ode", None, "float32")
+    assert (cfg.num_steps, cfg.sampler, cfg.eta, cfg.dtype) == (None, "ode", None, "float32")  # None: the model's own
     assert type(cfg.prompts) is list
 
 
@@ -86,7 +86,8 @@ def test_scalar_for_a_nested_group_is_an_error():
 @pytest.mark.parametrize(
     "override, key, expected",
     [
-        ("num_steps=abc", "num_steps", "int"),
+        ("num_images_per_prompt=abc", "num_images_per_prompt", "int"),
+        ("num_steps=abc", "num_steps", "int | None"),
         ("eta=fast", "eta", "float | None"),
         ("seed=null", "seed", "int"),
     ],

@@ -25,12 +25,15 @@ from flowalign.functional.advantages import group_advantages
 from flowalign.rewards.base import Reward
 from flowalign.trainers import loop
 from flowalign.trainers.crd import CRDConfig, train_crd
+from flowalign.trainers.dmd import DMDConfig, train_dmd
 from flowalign.trainers.grpo import GRPOConfig, train_grpo
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINERS = {"grpo": (GRPOConfig, train_grpo), "crd": (CRDConfig, train_crd)}
-# settings that make more state matter on resume: GRPO's EMA, CRD's old and (active) sampling snapshots
-EXTRA = {"grpo": {"ema_decay": 0.5}, "crd": {"train_timesteps": 2, "sampling_decay": "0-0.5-0.0-0.5"}}
+TRAINERS = {"grpo": (GRPOConfig, train_grpo), "crd": (CRDConfig, train_crd), "dmd": (DMDConfig, train_dmd)}
+# settings that make more state matter on resume: GRPO's EMA, CRD's old and (active) sampling snapshots, DMD's
+# critic and its optimizer
+EXTRA = {"grpo": {"ema_decay": 0.5}, "crd": {"train_timesteps": 2, "sampling_decay": "0-0.5-0.0-0.5"},
+         "dmd": {"student_steps": 2, "ttur": 2, "group_size": 1, "ema_decay": 0.5}}
 LORA_FILE = "lora/pytorch_lora_weights.safetensors"
 
 
@@ -113,6 +116,7 @@ import torch
 from flowalign.config import load_config
 from flowalign.trainers import loop
 from flowalign.trainers.crd import CRDConfig, train_crd
+from flowalign.trainers.dmd import DMDConfig, train_dmd
 from flowalign.trainers.grpo import GRPOConfig, train_grpo
 
 task, settings_path, kill_point, marker = sys.argv[1:5]
@@ -143,7 +147,7 @@ else:  # "checkpoint": the third epoch is done and logged, its checkpoint is hal
 
     loop.torch.save = stalling_save
 
-schema, train = {"grpo": (GRPOConfig, train_grpo), "crd": (CRDConfig, train_crd)}[task]
+schema, train = {"grpo": (GRPOConfig, train_grpo), "crd": (CRDConfig, train_crd), "dmd": (DMDConfig, train_dmd)}[task]
 train(load_config(schema, json.loads(Path(settings_path).read_text())))
 sys.exit("the run finished without being killed")
 '''
@@ -175,8 +179,8 @@ def _run_until_killed(task: str, settings: dict, kill_point: str, tmp_path: Path
     assert proc.returncode == -signal.SIGKILL
 
 
-@pytest.mark.parametrize("kill_point", ["rollout", "checkpoint"])
-@pytest.mark.parametrize("task", ["grpo", "crd"])
+@pytest.mark.parametrize("task, kill_point", [("grpo", "rollout"), ("grpo", "checkpoint"), ("crd", "rollout"),
+                                              ("crd", "checkpoint"), ("dmd", "checkpoint")])
 def test_run_killed_after_epoch_2_and_resumed_matches_uninterrupted_run(task, kill_point, tmp_path):
     prompts = str(_prompt_file(tmp_path))
     ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"

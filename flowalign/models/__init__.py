@@ -59,6 +59,14 @@ def read_settings(directory: str) -> dict:
         return json.load(fh)
 
 
+def _is_toy2d_dir(path: str) -> bool:
+    config = os.path.join(path, "config.json")
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "model_index.json")) or not os.path.exists(config):
+        return False
+    with open(config) as f:
+        return json.load(f).get("_class_name") == "Toy2DVelocity"
+
+
 def load_model(model, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                **pipeline_kwargs) -> FlowModel:
     """Wrap a model as a :class:`FlowModel`.
@@ -80,6 +88,11 @@ def load_model(model, device: str | torch.device | None = None, dtype: str | tor
         from flowalign.zoo.toy2d import load_toy2d
 
         return load_toy2d(device=device, dtype=None if dtype == torch.float32 else dtype)
+    if isinstance(model, str) and _is_toy2d_dir(model):  # a trained toy2d model (Toy2DModel.save_pretrained)
+        from flowalign.models.toy2d import Toy2DModel
+
+        return Toy2DModel.from_pretrained(model, device=device, dtype=None if dtype == torch.float32 else dtype
+                                          ).configure(read_settings(model))
     settings = {}
     if isinstance(model, str):
         pipe, settings = _bundled(model)

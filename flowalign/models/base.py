@@ -105,6 +105,8 @@ class FlowModel:
             self.native_size = tuple(size[:3])
         if "guidance_scale" in settings:
             self.default_guidance_scale = settings["guidance_scale"]
+        if "num_steps" in settings:  # a distilled few-step student samples with its own step count
+            self.default_num_steps = int(settings["num_steps"])
         if "max_sequence_length" in settings and hasattr(self, "max_sequence_length"):
             self.max_sequence_length = int(settings["max_sequence_length"])
         return self
@@ -115,6 +117,8 @@ class FlowModel:
                "guidance_scale": self.default_guidance_scale}
         if hasattr(self, "max_sequence_length"):
             out["max_sequence_length"] = self.max_sequence_length
+        if hasattr(self, "_default_num_steps"):
+            out["num_steps"] = self.default_num_steps
         return out
 
     # ----------------------------------------------------------------- properties
@@ -149,6 +153,15 @@ class FlowModel:
     @default_guidance_scale.setter
     def default_guidance_scale(self, value: float) -> None:
         self._default_guidance_scale = float(value)
+
+    @property
+    def default_num_steps(self) -> int:
+        """Sampling steps when a call names none: 20, or what a distilled student was trained for."""
+        return int(getattr(self, "_default_num_steps", 20))
+
+    @default_num_steps.setter
+    def default_num_steps(self, value: int) -> None:
+        self._default_num_steps = int(value)
 
     #: (height, width, num_frames) overriding the pipeline's defaults (set for bundled models)
     native_size: tuple[int, int, int | None] | None = None

@@ -161,7 +161,7 @@ def _check_sampler(sampler: str, eta: float | None) -> float:
 def sample(
     model,
     prompts: str | list[str],
-    num_steps: int = 20,
+    num_steps: int | None = None,
     sampler: str = "ode",
     eta: float | None = None,
     guidance_scale: float | None = None,
@@ -185,6 +185,7 @@ def sample(
 
     Args:
         model: a FlowModel or anything :func:`flowalign.load_model` accepts.
+        num_steps: sampling steps; defaults to the model's own (20, or a distilled student's step count).
         sampler: ``"ode"`` (Euler, as diffusers), ``"flow-sde"`` (Flow-GRPO), ``"dance-sde"`` (DanceGRPO) or
             ``"cps"`` (coefficients-preserving). ``eta`` defaults to 0.7 / 0.3 / 0.8 for the SDEs.
         guidance_scale: CFG scale (FLUX: the guidance embedding); defaults to the model's own.
@@ -196,6 +197,7 @@ def sample(
         requires_grad: keep the autograd graph (reward backpropagation through sampling).
     """
     model = load_model(model)
+    num_steps = model.default_num_steps if num_steps is None else int(num_steps)
     eta = _check_sampler(sampler, eta)
     if num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")

@@ -2,6 +2,8 @@
 
 - :mod:`flowalign.trainers.grpo` (``task: grpo``): Flow-GRPO.
 - :mod:`flowalign.trainers.crd` (``task: crd``): Centered Reward Distillation.
+- :mod:`flowalign.trainers.dmd` (``task: dmd`` / ``re-dmd``): distribution matching distillation into a
+  few-step student, optionally reward-weighted (Re-DMD).
 - :mod:`flowalign.trainers.reward_model` (``task: reward-model``): distil a pixel reward into a noise-aware
   latent reward model (:class:`~flowalign.rewards.latent.LatentRewardNet` or
   :class:`~flowalign.rewards.latent.BackboneLatentReward`).
@@ -11,14 +13,18 @@ Generator trainers share :mod:`flowalign.trainers.loop`. Recipe modules import h
 """
 
 from flowalign.trainers.crd import CRDConfig, train_crd
+from flowalign.trainers.dmd import DMDConfig, train_dmd
 from flowalign.trainers.grpo import GRPOConfig, train_grpo
 from flowalign.trainers.reward_model import RewardModelConfig, train_reward_model
 
 #: ``task:`` key of a training YAML -> (config schema, "module:function" taking (config_path, overrides))
 TASKS = {
     "crd": (CRDConfig, "flowalign.trainers.crd:main"),
+    "dmd": (DMDConfig, "flowalign.trainers.dmd:main"),
+    "re-dmd": (DMDConfig, "flowalign.trainers.dmd:main"),
     "grpo": (GRPOConfig, "flowalign.trainers.grpo:main"),
     "reward-model": (RewardModelConfig, "flowalign.trainers.reward_model:main"),
 }
 
-__all__ = ["TASKS", "CRDConfig", "GRPOConfig", "RewardModelConfig", "train_crd", "train_grpo", "train_reward_model"]
+__all__ = ["TASKS", "CRDConfig", "DMDConfig", "GRPOConfig", "RewardModelConfig", "train_crd", "train_dmd", "train_grpo",
+           "train_reward_model"]

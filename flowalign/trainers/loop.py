@@ -485,6 +485,8 @@ class Run:
         summary = {}
         if self.is_main:
             self._export(self.out)
+            if hasattr(self.algorithm, "export"):  # e.g. a distilled student saved as a pipeline
+                self.algorithm.export(self, self.out)
             from flowalign.trainers.report import write_report
 
             summary = write_report(self.out, self.history, cfg)
