@@ -26,7 +26,8 @@ def _sample_parser(sub) -> None:
     p.add_argument("--prompts-file", help="Text file with one prompt per line.")
     p.add_argument("--steps", type=int, dest="num_steps",
                    help="Number of sampling steps (default: the model's own, 20 or a distilled student's).")
-    p.add_argument("--sampler", help="ode | flow-sde | dance-sde | cps (default ode).")
+    p.add_argument("--sampler", help="ode | flow-sde | dance-sde | cps (default: the model's own, ode or a distilled "
+                   "student's).")
     p.add_argument("--eta", type=float, help="SDE noise level (default: the sampler's own, 0.7/0.3/0.8).")
     p.add_argument("--cfg", type=float, dest="guidance_scale", help="Guidance scale (default: the model's own).")
     p.add_argument("--height", type=int, help="Height in pixels (default: the model's native size).")
@@ -57,8 +58,9 @@ def _eval_parser(sub) -> None:
     e.add_argument("--split", default="test", choices=["train", "test"], help="shapes split (default test).")
     e.add_argument("--n", type=int, default=25, help="Prompts per category (default 25).")
     e.add_argument("--prompts-file", help="Evaluate these prompts (one per line) instead of the shapes prompts.")
-    e.add_argument("--steps", type=int, default=20, help="Sampling steps (default 20).")
-    e.add_argument("--sampler", default="ode", help="Sampler (default ode).")
+    e.add_argument("--steps", type=int, help="Sampling steps (default: the model's own, 20 or a distilled "
+                   "student's).")
+    e.add_argument("--sampler", help="Sampler (default: the model's own, ode or a distilled student's).")
     e.add_argument("--cfg", type=float, dest="guidance_scale", help="Guidance scale (default: the model's own).")
     e.add_argument("--seed", type=int, default=0, help="Seed for prompts and noise (default 0).")
     e.add_argument("--out", default="out/eval", help="Where to write grid.png and eval.json (default out/eval).")
@@ -246,8 +248,8 @@ def cmd_eval(args) -> int:
     result = evaluate(model, reward, prompts, categories, num_steps=args.steps, sampler=args.sampler,
                       guidance_scale=args.guidance_scale, seed=args.seed, return_images=True)
     out = write_report(result, prompts, args.out, title=f"{args.model} / {args.reward} / {args.split}")
-    print(f"{args.model}, reward {args.reward}, {len(prompts)} prompts ({args.split}), {args.steps} {args.sampler} "
-          f"steps:")
+    steps, sampler = args.steps or model.default_num_steps, args.sampler or model.default_sampler
+    print(f"{args.model}, reward {args.reward}, {len(prompts)} prompts ({args.split}), {steps} {sampler} steps:")
     print(format_table(result))
     print(f"wrote {out / 'grid.png'} and {out / 'eval.json'}")
     return 0

@@ -97,10 +97,10 @@ class SampleConfig:
     prompts_file: str | None = field(None, "Text file with one prompt per line (added after `prompts`).")
     num_steps: int | None = field(None, "Number of sampling steps (the model scheduler's own sigma schedule); "
                                         "null = the model's own (20, or a distilled student's).")
-    sampler: str = field(
-        "ode",
+    sampler: str | None = field(
+        None,
         "Step rule: ode (deterministic Euler), flow-sde (Flow-GRPO), dance-sde (DanceGRPO), "
-        "cps (coefficients-preserving sampling).",
+        "cps (coefficients-preserving sampling); null = the model's own (ode, or a distilled student's).",
         choices=SAMPLERS,
     )
     eta: float | None = field(None, "Noise level of the stochastic samplers; null = the sampler's default.")

@@ -24,8 +24,8 @@ def shapes_prompts(split: str = "test", per_category: int = 25, seed: int = 0) -
 
 
 @torch.no_grad()
-def evaluate(model, reward, prompts: list[str], categories: list[str] | None = None, num_steps: int = 20,
-             sampler: str = "ode", guidance_scale: float | None = None, seed: int = 0, batch_size: int = 32,
+def evaluate(model, reward, prompts: list[str], categories: list[str] | None = None, num_steps: int | None = None,
+             sampler: str | None = None, guidance_scale: float | None = None, seed: int = 0, batch_size: int = 32,
              progress: bool = True, return_images: bool = False, **sample_kwargs) -> dict:
     """Sample every prompt once (fixed seeds) and score it; returns overall and per-category mean scores."""
     import flowalign as fa

@@ -44,7 +44,7 @@ def _write(tmp_path, text, name="cfg.yaml"):
 def test_defaults_load_as_real_python_types():
     cfg = load_config(SampleConfig)
     assert cfg == SampleConfig()
-    assert (cfg.num_steps, cfg.sampler, cfg.eta, cfg.dtype) == (None, "ode", None, "float32")  # None: the model's own
+    assert (cfg.num_steps, cfg.sampler, cfg.eta, cfg.dtype) == (None, None, None, "float32")  # None: the model's own
     assert type(cfg.prompts) is list
 
 

@@ -139,3 +139,16 @@ def test_dmd_trains_every_lora_parameter_and_saves_a_sampling_student(tmp_path):
     assert student.default_num_steps == 2 and student.default_guidance_scale == 1.0
     traj = fa.sample(student, ["a red circle"], generator=torch.Generator().manual_seed(0))
     assert traj.latents.shape[1] == 3 and torch.isfinite(traj.images).all()
+
+
+def test_frechet_distance_matches_the_gaussian_closed_form():
+    from flowalign.functional.metrics import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 3, generator=g)
+    b = torch.randn(20000, 3, generator=g) * 2 + torch.tensor([1.0, 0.0, 0.0])
+    # N(0, I) vs N(m, 4I): |m|^2 + tr(I + 4I - 2 * 2I) = 1 + 3
+    assert abs(frechet_distance(a, b) - 4.0) < 0.1
+    assert abs(frechet_distance(a, a)) < 1e-6
+    with pytest.raises(ValueError, match="equal D"):
+        frechet_distance(a, b[:, :2])

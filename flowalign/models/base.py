@@ -105,8 +105,11 @@ class FlowModel:
             self.native_size = tuple(size[:3])
         if "guidance_scale" in settings:
             self.default_guidance_scale = settings["guidance_scale"]
-        if "num_steps" in settings:  # a distilled few-step student samples with its own step count
+        if "num_steps" in settings:  # a distilled few-step student samples with its own steps and step rule
             self.default_num_steps = int(settings["num_steps"])
+        if "sampler" in settings:
+            self.default_sampler = settings["sampler"]
+            self.default_eta = settings.get("eta")
         if "max_sequence_length" in settings and hasattr(self, "max_sequence_length"):
             self.max_sequence_length = int(settings["max_sequence_length"])
         return self
@@ -119,6 +122,8 @@ class FlowModel:
             out["max_sequence_length"] = self.max_sequence_length
         if hasattr(self, "_default_num_steps"):
             out["num_steps"] = self.default_num_steps
+        if self.default_sampler != "ode":
+            out["sampler"], out["eta"] = self.default_sampler, self.default_eta
         return out
 
     # ----------------------------------------------------------------- properties
@@ -162,6 +167,11 @@ class FlowModel:
     @default_num_steps.setter
     def default_num_steps(self, value: int) -> None:
         self._default_num_steps = int(value)
+
+    #: the step rule (and its eta; None = the rule's default) when a call names none: "ode", or a distilled
+    #: student's own (DMD students re-noise their x0 prediction: "cps" at eta 1)
+    default_sampler: str = "ode"
+    default_eta: float | None = None
 
     #: (height, width, num_frames) overriding the pipeline's defaults (set for bundled models)
     native_size: tuple[int, int, int | None] | None = None

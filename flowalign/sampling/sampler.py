@@ -162,7 +162,7 @@ def sample(
     model,
     prompts: str | list[str],
     num_steps: int | None = None,
-    sampler: str = "ode",
+    sampler: str | None = None,
     eta: float | None = None,
     guidance_scale: float | None = None,
     height: int | None = None,
@@ -186,7 +186,8 @@ def sample(
     Args:
         model: a FlowModel or anything :func:`flowalign.load_model` accepts.
         num_steps: sampling steps; defaults to the model's own (20, or a distilled student's step count).
-        sampler: ``"ode"`` (Euler, as diffusers), ``"flow-sde"`` (Flow-GRPO), ``"dance-sde"`` (DanceGRPO) or
+        sampler: ``"ode"`` (Euler, as diffusers; the default unless the model names its own, as distilled
+            students do), ``"flow-sde"`` (Flow-GRPO), ``"dance-sde"`` (DanceGRPO) or
             ``"cps"`` (coefficients-preserving). ``eta`` defaults to 0.7 / 0.3 / 0.8 for the SDEs.
         guidance_scale: CFG scale (FLUX: the guidance embedding); defaults to the model's own.
         num_images_per_prompt: group size K; samples of a prompt are consecutive.
@@ -198,6 +199,8 @@ def sample(
     """
     model = load_model(model)
     num_steps = model.default_num_steps if num_steps is None else int(num_steps)
+    if sampler is None:
+        sampler, eta = model.default_sampler, model.default_eta if eta is None else eta
     eta = _check_sampler(sampler, eta)
     if num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")

@@ -1,8 +1,10 @@
 """Distribution matching distillation for flow models (DMD2-style): ``task: dmd``, and Re-DMD: ``task: re-dmd``.
 
 A few-step **student** (the trained model, LoRA or full; it starts as the teacher) generates samples without
-CFG on its own ``student_steps``-step Euler schedule, so ``flowalign sample --model <run>/student`` samples it
-as is. Each epoch:
+CFG in ``student_steps`` steps of the model's sigma schedule; by default each step predicts x0 and re-noises it
+with fresh noise to the next level (DMD2's sampler, the ``cps`` rule at eta 1), so every step's x0 prediction
+is trained to be a sample. The saved student carries these settings: ``flowalign sample --model <run>/student``
+samples it as trained. Each epoch:
 
 1. ``ttur`` **critic** updates: the critic (a trainable copy of the teacher's transformer, the "fake score") learns
    the student's current distribution by flow matching on fresh student samples at shifted-uniform noise levels;
@@ -41,7 +43,11 @@ class DMDConfig(TrainConfig):
     task: str = field("dmd", "What `flowalign train` runs: dmd, or re-dmd (reward-weighted DMD).",
                       choices=("dmd", "re-dmd"))
     out: str = field("runs/dmd", "Run folder; the student pipeline is written to out/student.")
-    student_steps: int = field(4, "Sampling steps of the student (Euler on the model's schedule, no CFG).")
+    student_steps: int = field(4, "Sampling steps of the student (on the model's sigma schedule, no CFG).")
+    student_sampler: str = field("cps", "The student's step rule. cps at student_eta 1 is DMD2's multi-step sampler: "
+                                        "predict x0, re-noise it with fresh noise to the next level; ode: Euler.",
+                                 choices=("cps", "ode"))
+    student_eta: float = field(1.0, "eta of the student's step rule (cps: 1 = fresh noise at every step).")
     guidance_scale: float | None = field(None, "CFG scale of the teacher (the real score); null = the model's "
                                                "default.")
     cfg_convention: str = field("uncond", "Teacher CFG: uncond = u + s (c - u) (DMD2), cond = c + s (c - u) "
@@ -76,6 +82,11 @@ class DMD:
         self.cfg = cfg
 
     def setup(self, run) -> None:
+        cfg, model = self.cfg, run.model
+        self.gs_real = model.guidance_or_default(cfg.guidance_scale)  # resolved before the student's defaults
+        # the student's sampling defaults: evaluation, export and `flowalign sample` use them
+        model.configure({"num_steps": cfg.student_steps, "sampler": cfg.student_sampler, "eta": cfg.student_eta,
+                         "guidance_scale": 1.0})
         if run.accelerator.num_processes > 1:
             raise ConfigError("dmd runs in one process for now (its critic is not wrapped for DDP); launch it "
                               "without accelerate's multi-process settings.")
@@ -107,7 +118,8 @@ class DMD:
 
         with torch.no_grad(), run.unwrapped(), run.autocast():
             return fa.sample(run.model, list(cond.prompts), num_steps=self.cfg.student_steps, guidance_scale=1.0,
-                             cond=cond, generator=gen, decode=False, **run.size())
+                             sampler=self.cfg.student_sampler, eta=self.cfg.student_eta, cond=cond, generator=gen,
+                             decode=False, **run.size())
 
     def critic_step(self, run, cond, gen: torch.Generator) -> tuple[float, float]:
         """One flow-matching update of the critic on fresh student samples; returns (loss, grad norm)."""
@@ -131,8 +143,7 @@ class DMD:
         cfg, model = self.cfg, run.model
         prompts, _ = run.epoch_prompts(shared)
         prompts = [p for p in prompts for _ in range(cfg.group_size)]
-        gs_real = model.guidance_or_default(cfg.guidance_scale)
-        gs_eff = gs_real + 1.0 if cfg.cfg_convention == "cond" else gs_real  # c + s(c - u) = u + (s + 1)(c - u)
+        gs_eff = self.gs_real + (1.0 if cfg.cfg_convention == "cond" else 0.0)  # c + s(c - u) = u + (s + 1)(c - u)
         with torch.no_grad():
             cond = model.encode(prompts, guidance_scale=1.0)
             cond_real = model.encode(prompts, guidance_scale=gs_eff)
@@ -177,14 +188,13 @@ class DMD:
                 "train/critic_grad_norm": mean([c[1] for c in critic]), "train/backward_step": k}
 
     def export(self, run, folder: Path) -> None:
-        """The student as a full pipeline in ``folder/student`` whose saved settings sample it as trained."""
+        """The student as a full pipeline in ``folder/student``; its flowalign.json holds the student's step count,
+        step rule and CFG 1 (set in :meth:`setup`), so loading it by path samples it as trained."""
         ema = run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext()
         with ema:
             path = Path(run.model.save_pretrained(folder / "student"))
-        settings_file = path / "flowalign.json"
-        settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
-        settings.update({"num_steps": self.cfg.student_steps, "guidance_scale": 1.0})
-        settings_file.write_text(json.dumps(settings, indent=2))
+        if not (path / "flowalign.json").exists():  # toy2d folders: save_pretrained writes the network only
+            (path / "flowalign.json").write_text(json.dumps(run.model.settings(), indent=2))
 
 
 def train_dmd(cfg: DMDConfig, model=None, reward=None) -> dict:

@@ -1,0 +1,204 @@
+"""Few-step distillation: DMD and Re-DMD students against their teacher, on toy2d and on shapes.
+
+    python benchmarks/bench_distill.py --world toy2d [--epochs 200]
+    python benchmarks/bench_distill.py --world shapes [--epochs 60] [--per-category 24]
+
+toy2d (class "8gaussians"): 1-step and 4-step DMD students and a 1-step Re-DMD student (reward ``toy2d-linear``,
+r = y) trained from the bundled teacher. Energy distance of 4,000 student samples to 4,000 teacher samples (50
+ODE steps), next to the teacher-vs-teacher noise floor (two independent teacher sample sets) and the teacher run
+at the student's step count; the mean reward shows whether Re-DMD tilts the student.
+
+shapes: 4-step DMD and Re-DMD (reward ``shapes-clip``) students of shapes-sd3 (``configs/dmd/shapes.yaml``,
+``configs/re-dmd/shapes.yaml``), against the teacher at 20 steps and at 4 steps (CFG 4; the students are
+CFG-free): verifier accuracy per category on held-out prompts, shapes-clip reward, Fréchet distance of
+shapes-clip image features to ground-truth renders of the same prompts, model evaluations and sampling wall
+time per image (ratios measured in this script). Quality against training epochs and wall time come from each
+run's periodic evaluation. Writes ``results/distill_<world>.json|png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+CLASS = "8gaussians"
+
+
+def _points(model, n: int, seed: int, steps: int | None = None) -> torch.Tensor:
+    import flowalign as fa
+
+    gen = torch.Generator().manual_seed(seed)
+    return fa.sample(model, [CLASS], num_steps=steps, num_images_per_prompt=n, generator=gen).images.float()
+
+
+def toy2d(args) -> dict:
+    import flowalign as fa
+    from flowalign.config import load_config
+    from flowalign.trainers.dmd import DMDConfig, train_dmd
+    from flowalign.zoo.toy2d import LinearReward, energy_distance, plot
+
+    n, reward = args.n, LinearReward()
+    teacher = fa.load_model("toy2d")
+    ref, ref2 = _points(teacher, n, 1, 50), _points(teacher, n, 2, 50)
+    out = {"n": n, "epochs": args.epochs, "noise_floor": energy_distance(ref2, ref),
+           "teacher_reward": reward(ref, [CLASS] * n).mean().item(), "runs": {}}
+    base = {"model": "toy2d", "reward": "toy2d-linear", "prompts": f"toy2d:{CLASS}", "eval_prompts": None,
+            "epochs": args.epochs, "groups_per_epoch": 1, "group_size": 256, "lr": 1e-3, "finetune": "full",
+            "save_every": 0, "log_with": "none", "progress": False, "threads": args.threads}
+    runs = {"dmd-1step": {"task": "dmd", "student_steps": 1}, "dmd-4step": {"task": "dmd", "student_steps": 4},
+            "re-dmd-1step": {"task": "re-dmd", "student_steps": 1, "reward_beta": 1.0}}
+    samples = {"teacher (50 steps)": ref}
+    for name, kw in runs.items():
+        folder = Path(args.out) / name
+        t0 = time.perf_counter()
+        train_dmd(load_config(DMDConfig, {**base, **kw, "out": str(folder)}))
+        seconds = time.perf_counter() - t0
+        student = fa.load_model(str(folder / "student"))
+        k = kw["student_steps"]
+        xs, xt = _points(student, n, 3), _points(teacher, n, 4, k)
+        out["runs"][name] = {"steps": k, "train_seconds": seconds, "student_vs_teacher": energy_distance(xs, ref),
+                             f"teacher_{k}step_vs_teacher": energy_distance(xt, ref),
+                             "student_reward": reward(xs, [CLASS] * n).mean().item()}
+        print(name, json.dumps(out["runs"][name]), flush=True)
+        if k == 1:
+            samples[f"{name} student"] = xs
+    samples["teacher at 1 step"] = _points(teacher, n, 4, 1)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(samples), figsize=(3.2 * len(samples), 3.2))
+    for ax, (label, pts) in zip(axes, samples.items()):
+        plot(pts[:2000], ax=ax, title=label)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "distill_toy2d.png", dpi=90)
+    return out
+
+
+def _features(reward, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([reward.backbone.embed_images(images[i:i + 256]) for i in range(0, len(images), 256)])
+
+
+def _score(model, prompts, cats, steps, cfg, verifier, clip, renders_feat) -> dict:
+    from flowalign.evaluation import evaluate
+    from flowalign.functional.metrics import frechet_distance
+
+    res = evaluate(model, verifier, prompts, cats, num_steps=steps, guidance_scale=cfg, progress=False,
+                   return_images=True, batch_size=64)
+    images = res.pop("images")
+    res.pop("scores")
+    t0 = time.perf_counter()  # sampling time alone (evaluate's includes the verifier)
+    import flowalign as fa
+
+    with torch.no_grad():
+        for i in range(0, len(prompts), 64):
+            fa.sample(model, prompts[i:i + 64], num_steps=steps, guidance_scale=cfg,
+                      generator=torch.Generator().manual_seed(0))
+    sample_s = (time.perf_counter() - t0) / len(prompts)
+    return {"verifier": {k: v for k, v in res.items() if k not in ("n", "seconds")},
+            "shapes_clip": clip(images, prompts).mean().item(),
+            "frechet_clip_vs_renders": frechet_distance(_features(clip, images), renders_feat),
+            "nfe": steps * (2 if cfg > 1 else 1), "seconds_per_image": sample_s}
+
+
+def shapes(args) -> dict:
+    import flowalign as fa
+    from flowalign.config import load_config
+    from flowalign.evaluation import shapes_prompts
+    from flowalign.rewards.shapes import ShapesVerifier
+    from flowalign.rewards.shapes_clip import ShapesClip
+    from flowalign.trainers.dmd import DMDConfig, train_dmd
+    from flowalign.zoo import shapes_data
+
+    torch.set_num_threads(args.threads)
+    prompts, cats = shapes_prompts("test", args.per_category, seed=0)
+    specs = shapes_data.eval_prompts("test", args.per_category, seed=0)
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    renders = torch.from_numpy(np.stack([shapes_data.render(s, 32, rng) for s in specs])).permute(0, 3, 1, 2)
+    verifier, clip = ShapesVerifier(), ShapesClip()
+    renders_feat = _features(clip, renders.float() / 255)
+    out = {"prompts": len(prompts), "epochs": args.epochs, "threads": args.threads, "models": {}, "curves": {}}
+    teacher = fa.load_model("shapes-sd3")
+    for steps in (20, 4):
+        out["models"][f"teacher {steps} steps"] = _score(teacher, prompts, cats, steps, 4.0, verifier, clip,
+                                                         renders_feat)
+        print(f"teacher {steps}", json.dumps(out["models"][f"teacher {steps} steps"]), flush=True)
+    for task in ("dmd", "re-dmd"):
+        folder = Path(args.out) / task
+        cfg = load_config(DMDConfig, ROOT / "configs" / task / "shapes.yaml",
+                          [f"out={folder}", f"epochs={args.epochs}", f"threads={args.threads}", "progress=false"])
+        t0 = time.perf_counter()
+        train_dmd(cfg)
+        seconds = time.perf_counter() - t0
+        student = fa.load_model(str(folder / "student"))
+        res = _score(student, prompts, cats, cfg.student_steps, 1.0, verifier, clip, renders_feat)
+        res["train_seconds"] = seconds
+        out["models"][f"{task} student {cfg.student_steps} steps"] = res
+        print(task, json.dumps(res), flush=True)
+        rec = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        out["curves"][task] = [{k: r[k] for k in ("epoch", "step", "time/total_s", "eval/shapes-geneval",
+                                                   "eval/shapes-clip") if k in r}
+                               for r in rec if "eval/shapes-geneval" in r]
+    _plot_shapes(out)
+    return out
+
+
+def _plot_shapes(out: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+    for task, curve in out["curves"].items():
+        ep = [c["epoch"] for c in curve]
+        wall = [c.get("time/total_s", 0.0) for c in curve]
+        ax[0].plot(ep, [c["eval/shapes-geneval"] for c in curve], marker="o", label=task)
+        ax[1].plot(wall, [c["eval/shapes-geneval"] for c in curve], marker="o", label=task)
+        ax[2].plot(ep, [c["eval/shapes-clip"] for c in curve], marker="o", label=task)
+    for name, m in out["models"].items():
+        if name.startswith("teacher"):
+            ax[0].axhline(m["verifier"]["overall"], ls="--", color="gray" if "20" in name else "silver", label=name)
+            ax[2].axhline(m["shapes_clip"], ls="--", color="gray" if "20" in name else "silver", label=name)
+    ax[0].set(xlabel="epoch (1 student step each)", ylabel="verifier accuracy (held out)")
+    ax[1].set(xlabel="training wall time (s)", ylabel="verifier accuracy (held out)")
+    ax[2].set(xlabel="epoch", ylabel="shapes-clip")
+    ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "distill_shapes.png", dpi=90)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", choices=["toy2d", "shapes"], default="toy2d")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--n", type=int, default=4000)
+    p.add_argument("--per-category", type=int, default=24)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="run folders (default runs/bench-distill-<world>)")
+    args = p.parse_args()
+    args.out = args.out or str(ROOT / "runs" / f"bench-distill-{args.world}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.world == "toy2d":
+        args.epochs = args.epochs or 200
+        torch.set_num_threads(args.threads)
+        result = toy2d(args)
+    else:
+        args.epochs = args.epochs or 60
+        result = shapes(args)
+    (RESULTS / f"distill_{args.world}.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {RESULTS / f'distill_{args.world}.json'}")
+
+
+if __name__ == "__main__":
+    main()
