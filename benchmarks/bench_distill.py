@@ -1,15 +1,16 @@
 """Few-step distillation: DMD and Re-DMD students against their teacher, on toy2d and on shapes.
 
     python benchmarks/bench_distill.py --world toy2d [--epochs 200]
-    python benchmarks/bench_distill.py --world shapes [--epochs 60] [--per-category 24]
+    python benchmarks/bench_distill.py --world shapes [--epochs 60] [--per-category 24] [--tasks dmd,re-dmd,rg-lcd]
 
 toy2d (class "8gaussians"): 1-step and 4-step DMD students and a 1-step Re-DMD student (reward ``toy2d-linear``,
 r = y) trained from the bundled teacher. Energy distance of 4,000 student samples to 4,000 teacher samples (50
-ODE steps), next to the teacher-vs-teacher noise floor (two independent teacher sample sets) and the teacher run
-at the student's step count; the mean reward shows whether Re-DMD tilts the student.
+ODE steps), next to the teacher-vs-teacher noise floor (two independent teacher sample sets), the teacher run
+at the student's step count (Euler), and the student at initialisation (the teacher with the student's step
+rule); the mean reward shows whether Re-DMD tilts the student.
 
-shapes: 4-step DMD and Re-DMD (reward ``shapes-clip``) students of shapes-sd3 (``configs/dmd/shapes.yaml``,
-``configs/re-dmd/shapes.yaml``), against the teacher at 20 steps and at 4 steps (CFG 4; the students are
+shapes: 4-step DMD, Re-DMD and RG-LCD (both with reward ``shapes-clip``) students of shapes-sd3
+(``configs/{dmd,re-dmd,rg-lcd}/shapes.yaml``), against the teacher at 20 steps and at 4 steps (CFG 4; the students are
 CFG-free): verifier accuracy per category on held-out prompts, shapes-clip reward, Fréchet distance of
 shapes-clip image features to ground-truth renders of the same prompts, model evaluations and sampling wall
 time per image (ratios measured in this script). Quality against training epochs and wall time come from each
@@ -30,11 +31,11 @@ RESULTS = Path(__file__).parent / "results"
 CLASS = "8gaussians"
 
 
-def _points(model, n: int, seed: int, steps: int | None = None) -> torch.Tensor:
+def _points(model, n: int, seed: int, steps: int | None = None, **kw) -> torch.Tensor:
     import flowalign as fa
 
     gen = torch.Generator().manual_seed(seed)
-    return fa.sample(model, [CLASS], num_steps=steps, num_images_per_prompt=n, generator=gen).images.float()
+    return fa.sample(model, [CLASS], num_steps=steps, num_images_per_prompt=n, generator=gen, **kw).images.float()
 
 
 def toy2d(args) -> dict:
@@ -62,8 +63,10 @@ def toy2d(args) -> dict:
         student = fa.load_model(str(folder / "student"))
         k = kw["student_steps"]
         xs, xt = _points(student, n, 3), _points(teacher, n, 4, k)
+        x_init = _points(teacher, n, 5, k, sampler=student.default_sampler, eta=student.default_eta)
         out["runs"][name] = {"steps": k, "train_seconds": seconds, "student_vs_teacher": energy_distance(xs, ref),
                              f"teacher_{k}step_vs_teacher": energy_distance(xt, ref),
+                             "student_at_init_vs_teacher": energy_distance(x_init, ref),
                              "student_reward": reward(xs, [CLASS] * n).mean().item()}
         print(name, json.dumps(out["runs"][name]), flush=True)
         if k == 1:
@@ -115,7 +118,6 @@ def shapes(args) -> dict:
     from flowalign.evaluation import shapes_prompts
     from flowalign.rewards.shapes import ShapesVerifier
     from flowalign.rewards.shapes_clip import ShapesClip
-    from flowalign.trainers.dmd import DMDConfig, train_dmd
     from flowalign.zoo import shapes_data
 
     torch.set_num_threads(args.threads)
@@ -127,23 +129,30 @@ def shapes(args) -> dict:
     renders = torch.from_numpy(np.stack([shapes_data.render(s, 32, rng) for s in specs])).permute(0, 3, 1, 2)
     verifier, clip = ShapesVerifier(), ShapesClip()
     renders_feat = _features(clip, renders.float() / 255)
-    out = {"prompts": len(prompts), "epochs": args.epochs, "threads": args.threads, "models": {}, "curves": {}}
+    path = RESULTS / "distill_shapes.json"
+    out = json.loads(path.read_text()) if args.merge and path.exists() else {
+        "prompts": len(prompts), "threads": args.threads, "models": {}, "curves": {}}
+    if not isinstance(out.get("epochs"), dict):  # epochs per student
+        out["epochs"] = {t: out["epochs"] for t in out["curves"]} if "epochs" in out else {}
     teacher = fa.load_model("shapes-sd3")
     for steps in (20, 4):
-        out["models"][f"teacher {steps} steps"] = _score(teacher, prompts, cats, steps, 4.0, verifier, clip,
-                                                         renders_feat)
-        print(f"teacher {steps}", json.dumps(out["models"][f"teacher {steps} steps"]), flush=True)
-    for task in ("dmd", "re-dmd"):
+        if f"teacher {steps} steps" not in out["models"]:
+            out["models"][f"teacher {steps} steps"] = _score(teacher, prompts, cats, steps, 4.0, verifier, clip,
+                                                             renders_feat)
+            print(f"teacher {steps}", json.dumps(out["models"][f"teacher {steps} steps"]), flush=True)
+    for task in args.tasks.split(","):
+        schema, train = _trainer(task)
         folder = Path(args.out) / task
-        cfg = load_config(DMDConfig, ROOT / "configs" / task / "shapes.yaml",
+        cfg = load_config(schema, ROOT / "configs" / task / "shapes.yaml",
                           [f"out={folder}", f"epochs={args.epochs}", f"threads={args.threads}", "progress=false"])
         t0 = time.perf_counter()
-        train_dmd(cfg)
+        train(cfg)
         seconds = time.perf_counter() - t0
         student = fa.load_model(str(folder / "student"))
         res = _score(student, prompts, cats, cfg.student_steps, 1.0, verifier, clip, renders_feat)
         res["train_seconds"] = seconds
         out["models"][f"{task} student {cfg.student_steps} steps"] = res
+        out["epochs"][task] = args.epochs
         print(task, json.dumps(res), flush=True)
         rec = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         out["curves"][task] = [{k: r[k] for k in ("epoch", "step", "time/total_s", "eval/shapes-geneval",
@@ -151,6 +160,13 @@ def shapes(args) -> dict:
                                for r in rec if "eval/shapes-geneval" in r]
     _plot_shapes(out)
     return out
+
+
+def _trainer(task: str):
+    from flowalign.trainers.dmd import DMDConfig, train_dmd
+    from flowalign.trainers.rg_lcd import RGLCDConfig, train_rg_lcd
+
+    return (RGLCDConfig, train_rg_lcd) if task == "rg-lcd" else (DMDConfig, train_dmd)
 
 
 def _plot_shapes(out: dict) -> None:
@@ -185,6 +201,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=4000)
     p.add_argument("--per-category", type=int, default=24)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tasks", default="dmd,re-dmd,rg-lcd",
+                   help="shapes: students to train (configs/<task>/shapes.yaml)")
+    p.add_argument("--merge", action="store_true", help="shapes: add to results/distill_shapes.json (its teacher "
+                                                         "rows are reused)")
     p.add_argument("--out", default=None, help="run folders (default runs/bench-distill-<world>)")
     args = p.parse_args()
     args.out = args.out or str(ROOT / "runs" / f"bench-distill-{args.world}")

@@ -1,4 +1,4 @@
-"""One GRPO and one CRD optimizer step at SD3.5-medium size, random weights: peak memory and step time.
+"""One GRPO, CRD and DMD optimizer step at SD3.5-medium size, random weights: peak memory and step time.
 
 The generator is an SD3 pipeline with the SD3.5-medium transformer config (2.5B parameters, random weights;
 ``bench_sampling.build``), trained the way ``configs/{grpo,crd}/sd35m.yaml`` train it: bf16 frozen weights and
@@ -11,8 +11,9 @@ Each epoch draws one prompt group of ``--group`` samples (rollout) and takes one
 paper's 20). The first epoch warms up; the second is measured. Peak memory is the CUDA allocator's peak within
 the measured epoch (weights included) and above the resident weights.
 
-Usage: python benchmarks/bench_train_step.py [--device cuda] [--size sd35m|small] [--no-checkpointing]
-Writes benchmarks/results/train_step_<device>_<size>.json.
+Usage: python benchmarks/bench_train_step.py [--device cuda] [--size sd35m|small] [--tasks grpo,crd]
+       [--no-checkpointing]
+Writes benchmarks/results/train_step_<device>_<size>[_<tasks>].json.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _sync(device: str) -> None:
 
 def measure(task: str, args, tmp: Path) -> dict:
     from flowalign.rewards import load as load_reward
-    from flowalign.trainers import crd, grpo
+    from flowalign.trainers import crd, dmd, grpo
     from flowalign.trainers.loop import Run
 
     dtype = getattr(torch, args.dtype)
@@ -56,9 +57,14 @@ def measure(task: str, args, tmp: Path) -> dict:
     if task == "grpo":
         cfg = grpo.GRPOConfig(task="grpo", beta=0.04, clip_range=1e-4, **common)
         algorithm = grpo.GRPO(cfg)
-    else:
+    elif task == "crd":
         cfg = crd.CRDConfig(task="crd", train_timesteps=args.crd_timesteps, timestep_shift=3.0, **common)
         algorithm = crd.CRD(cfg)
+    else:  # dmd (full critic) or dmd-lora-critic: a 4-step student, 5 critic updates per student update
+        cfg = dmd.DMDConfig(task="dmd", student_steps=4, ttur=5, timestep_shift=3.0, group_size=args.group,
+                            critic_finetune="lora" if task.endswith("lora-critic") else "full",
+                            **{k: v for k, v in common.items() if k != "group_size"})
+        algorithm = dmd.DMD(cfg)
     run = Run(cfg, algorithm, model=pipe, reward=load_reward("jpeg-compressibility"))
     n_lora = sum(p.numel() for p in run.params)
     n_total = sum(p.numel() for p in run.model.transformer.parameters())
@@ -73,10 +79,15 @@ def measure(task: str, args, tmp: Path) -> dict:
         metrics = algorithm.epoch(run, epoch, *run.generators(epoch))
         _sync(args.device)
         wall = time.perf_counter() - t0
-    out.update({"optimizer_steps": run.step - step0, "epoch_s": wall, "rollout_s": metrics["time/rollout_s"],
-                "train_step_s": metrics["time/train_s"] / max(1, run.step - step0),
-                "samples_per_step": args.group, "loss_finite": all(
-                    torch.isfinite(torch.tensor(v)).item() for k, v in metrics.items() if k.startswith("train/"))})
+    out.update({"optimizer_steps": run.step - step0, "epoch_s": wall, "samples_per_step": args.group,
+                "loss_finite": all(torch.isfinite(torch.tensor(float(v))).item()
+                                   for k, v in metrics.items() if k.startswith("train/"))})
+    if task.startswith("dmd"):  # one epoch = ttur critic updates (each on fresh 4-step student samples) + 1 student
+        out.update({"critic_updates_s": metrics["time/critic_s"], "student_update_s": metrics["time/student_s"],
+                    "critic_trainable_params": sum(p.numel() for p in algorithm.critic_params.values())})
+    else:
+        out.update({"rollout_s": metrics["time/rollout_s"],
+                    "train_step_s": metrics["time/train_s"] / max(1, run.step - step0)})
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
         out.update({"resident_gib": resident / 2**30, "peak_gib": peak / 2**30,
@@ -94,7 +105,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--group", type=int, default=4, help="samples per prompt group = per optimizer step")
     p.add_argument("--crd-timesteps", type=int, default=20)
-    p.add_argument("--tasks", default="grpo,crd")
+    p.add_argument("--tasks", default="grpo,crd", help="comma-separated: grpo, crd, dmd, dmd-lora-critic")
     p.add_argument("--no-checkpointing", action="store_true")
     args = p.parse_args()
     result = {"device": args.device, "size": args.size, "dtype": args.dtype, "group": args.group,
@@ -107,7 +118,8 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             result["runs"].append(r)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "" if not args.no_checkpointing else "_nockpt"
+    suffix = ("" if args.tasks == "grpo,crd" else "_" + args.tasks.replace(",", "_")) + (
+        "_nockpt" if args.no_checkpointing else "")
     path = RESULTS / f"train_step_{args.device.split(':')[0]}_{args.size}{suffix}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")

@@ -136,9 +136,17 @@ def test_dmd_trains_every_lora_parameter_and_saves_a_sampling_student(tmp_path):
     rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor([r["train/dm_loss"], r["train/critic_loss"]])).all() for r in rec)
     student = fa.load_model(str(tmp_path / "run" / "student"))
-    assert student.default_num_steps == 2 and student.default_guidance_scale == 1.0
+    assert (student.default_num_steps, student.default_sampler, student.default_guidance_scale) == (2, "cps", 1.0)
     traj = fa.sample(student, ["a red circle"], generator=torch.Generator().manual_seed(0))
     assert traj.latents.shape[1] == 3 and torch.isfinite(traj.images).all()
+    # the command line samples the student as trained, with no flags
+    from flowalign.cli import main
+
+    assert main(["sample", "--model", str(tmp_path / "run" / "student"), "--prompt", "a red circle",
+                 "--out", str(tmp_path / "out")]) == 0
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert (settings["num_steps"], settings["sampler"], settings["eta"], settings["guidance_scale"]) == (2, "cps", 1.0,
+                                                                                                           1.0)
 
 
 def test_frechet_distance_matches_the_gaussian_closed_form():
@@ -152,3 +160,91 @@ def test_frechet_distance_matches_the_gaussian_closed_form():
     assert abs(frechet_distance(a, a)) < 1e-6
     with pytest.raises(ValueError, match="equal D"):
         frechet_distance(a, b[:, :2])
+
+
+def test_lora_critic_trains_only_its_adapter(tmp_path):
+    from flowalign.trainers.dmd import DMD
+    from flowalign.trainers.loop import run_task
+
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    cfg = load_config(DMDConfig, {"model": "tiny-sd3", "reward": "jpeg-compressibility",
+                                  "prompts": str(tmp_path / "p.txt"), "eval_prompts": None, "epochs": 2,
+                                  "groups_per_epoch": 1, "group_size": 2, "ttur": 2, "student_steps": 2,
+                                  "lora_rank": 4, "lr": 1e-2, "critic_finetune": "lora", "out": str(tmp_path / "run"),
+                                  "progress": False, "log_with": "none"})
+    algo = DMD(cfg)
+    model = fa.load_model("tiny-sd3")
+    run_task(cfg, algo, model=model)
+    trained = algo.critic_params
+    assert trained and all("lora_" in n for n in trained)
+    frozen = [n for n, _ in algo.critic.named_parameters() if n not in trained]
+    # the copy's base weights stay the teacher's (the student's frozen base); its adapter trained on its own
+    assert frozen and all(torch.equal(algo.critic.get_parameter(n), model.transformer.get_parameter(n)) for n in frozen)
+    assert all(not torch.equal(p, model.transformer.get_parameter(n)) for n, p in trained.items()
+               if "lora_B" in n and ".attn.to_q." in n)
+
+
+# ----------------------------------------------------------------------------- RG-LCD
+def test_lcd_pieces():
+    from flowalign.functional.flow import x0_from_velocity
+    from flowalign.functional.lcd import euler_solver_step, pseudo_huber, skip_pairs
+
+    x0, eps = torch.randn(4, 3), torch.randn(4, 3)
+    hi, lo = torch.tensor([0.9, 0.5, 0.3, 0.2]), torch.tensor([0.7, 0.4, 0.0, 0.1])
+    x_hi = (1 - hi[:, None]) * x0 + hi[:, None] * eps
+    # on a straight path (v = eps - x0) the solver step lands exactly on the forward process at sigma_lo
+    torch.testing.assert_close(euler_solver_step(x_hi, eps - x0, hi, lo), (1 - lo[:, None]) * x0 + lo[:, None] * eps)
+    # the consistency function f(x, sigma) = x - sigma v meets f(x, 0) = x whatever v is
+    torch.testing.assert_close(x0_from_velocity(x_hi, torch.randn(4, 3), torch.zeros(4)), x_hi)
+    big, small = torch.tensor([3.0]), torch.tensor([1e-5])
+    assert abs(pseudo_huber(big, torch.zeros(1)) - 3.0) < 2e-3  # ~ |d| far away
+    assert abs(pseudo_huber(small, torch.zeros(1)) - 1e-10 / 2e-3) < 1e-9  # ~ d^2 / 2c near 0
+    s = torch.linspace(1, 0, 11)
+    a, b = skip_pairs(s, 500, 2, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a - b, torch.full_like(a, 0.2))
+    assert b.min() == 0 and a.max() == 1
+    with pytest.raises(ValueError, match="skip"):
+        skip_pairs(s, 2, 11, torch.Generator())
+
+
+def _lcd_cfg(tmp_path, **kw):
+    from flowalign.trainers.rg_lcd import RGLCDConfig
+
+    base = {"model": "toy2d", "reward": "toy2d-linear", "prompts": "toy2d:8gaussians", "eval_prompts": None,
+            "epochs": 40, "groups_per_epoch": 1, "group_size": 256, "num_steps": 20, "rollout_batch_size": 256,
+            "train_batch_size": 32, "student_steps": 1, "solver_steps": 20, "skip": 1, "train_timesteps": 1,
+            "lr": 1e-3, "finetune": "full", "save_every": 0, "log_with": "none", "progress": False,
+            "out": str(tmp_path / "run")}
+    return load_config(RGLCDConfig, {**base, **kw})
+
+
+def test_rg_lcd_reward_term_raises_the_one_step_students_reward(tmp_path):
+    from flowalign.trainers.rg_lcd import train_rg_lcd
+    from flowalign.zoo.toy2d import LinearReward, energy_distance
+
+    train_rg_lcd(_lcd_cfg(tmp_path, reward_scale=0.0, out=str(tmp_path / "lcd")))
+    train_rg_lcd(_lcd_cfg(tmp_path, reward_scale=0.3, out=str(tmp_path / "rg")))
+    teacher = fa.load_model("toy2d")
+    ref = _points(teacher, 2000, 1, steps=50)
+    lcd, rg = (fa.load_model(str(tmp_path / k / "student")) for k in ("lcd", "rg"))
+    assert lcd.default_num_steps == 1 and lcd.default_sampler == "cps"
+    x_lcd, x_rg = _points(lcd, 2000, 3), _points(rg, 2000, 3)
+    # plain LCD: a 1-step student much closer to the teacher than the teacher run for 1 step (0.0085 vs 0.57)
+    assert energy_distance(x_lcd, ref) < 0.1 * energy_distance(_points(teacher, 2000, 2, steps=1), ref)
+    reward = LinearReward()
+    assert reward(x_rg, ["8gaussians"] * 2000).mean() > reward(x_lcd, ["8gaussians"] * 2000).mean() + 0.1
+
+
+def test_rg_lcd_needs_a_differentiable_reward(tmp_path):
+    from flowalign.trainers.rg_lcd import train_rg_lcd
+
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    cfg = _lcd_cfg(tmp_path, model="tiny-sd3", reward="jpeg-compressibility", prompts=str(tmp_path / "p.txt"),
+                   finetune="lora", group_size=2, rollout_batch_size=2, train_batch_size=2, num_steps=2)
+    with pytest.raises(ConfigError, match="not differentiable"):
+        train_rg_lcd(cfg)
+    train_rg_lcd(_lcd_cfg(tmp_path, model="tiny-sd3", reward="jpeg-compressibility", prompts=str(tmp_path / "p.txt"),
+                          finetune="lora", lora_rank=4, group_size=2, rollout_batch_size=2, train_batch_size=2,
+                          num_steps=2, epochs=2, reward_scale=0.0, student_steps=2, out=str(tmp_path / "ok")))
+    student = fa.load_model(str(tmp_path / "ok" / "student"))
+    assert (student.default_num_steps, student.default_sampler, student.default_guidance_scale) == (2, "cps", 1.0)

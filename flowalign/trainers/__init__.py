@@ -4,6 +4,7 @@
 - :mod:`flowalign.trainers.crd` (``task: crd``): Centered Reward Distillation.
 - :mod:`flowalign.trainers.dmd` (``task: dmd`` / ``re-dmd``): distribution matching distillation into a
   few-step student, optionally reward-weighted (Re-DMD).
+- :mod:`flowalign.trainers.rg_lcd` (``task: rg-lcd``): reward-guided latent consistency distillation.
 - :mod:`flowalign.trainers.reward_model` (``task: reward-model``): distil a pixel reward into a noise-aware
   latent reward model (:class:`~flowalign.rewards.latent.LatentRewardNet` or
   :class:`~flowalign.rewards.latent.BackboneLatentReward`).
@@ -16,6 +17,7 @@ from flowalign.trainers.crd import CRDConfig, train_crd
 from flowalign.trainers.dmd import DMDConfig, train_dmd
 from flowalign.trainers.grpo import GRPOConfig, train_grpo
 from flowalign.trainers.reward_model import RewardModelConfig, train_reward_model
+from flowalign.trainers.rg_lcd import RGLCDConfig, train_rg_lcd
 
 #: ``task:`` key of a training YAML -> (config schema, "module:function" taking (config_path, overrides))
 TASKS = {
@@ -24,7 +26,8 @@ TASKS = {
     "re-dmd": (DMDConfig, "flowalign.trainers.dmd:main"),
     "grpo": (GRPOConfig, "flowalign.trainers.grpo:main"),
     "reward-model": (RewardModelConfig, "flowalign.trainers.reward_model:main"),
+    "rg-lcd": (RGLCDConfig, "flowalign.trainers.rg_lcd:main"),
 }
 
-__all__ = ["TASKS", "CRDConfig", "DMDConfig", "GRPOConfig", "RewardModelConfig", "train_crd", "train_dmd", "train_grpo",
-           "train_reward_model"]
+__all__ = ["TASKS", "CRDConfig", "DMDConfig", "GRPOConfig", "RGLCDConfig", "RewardModelConfig", "train_crd",
+           "train_dmd", "train_grpo", "train_reward_model", "train_rg_lcd"]

@@ -54,6 +54,10 @@ class DMDConfig(TrainConfig):
                                           "(Reward Forcing).", choices=CFG_CONVENTIONS)
     ttur: int = field(5, "Critic updates per student update (two-time-scale update rule; DMD2 uses 5-10).")
     critic_lr: float | None = field(None, "Critic learning rate; null = lr.")
+    critic_finetune: str = field("full", "The critic (fake score): full = a trainable full copy of the teacher's "
+                                         "transformer (fp32 weights and AdamW state: 16 bytes a parameter); lora = a "
+                                         "copy whose LoRA adapter alone trains (lora_rank/lora_alpha; far less "
+                                         "memory).", choices=("full", "lora"))
     timestep_shift: float = field(1.0, "Noise levels of the DM loss and the critic: shifted uniform, "
                                        "shift * t / (1 + (shift - 1) t), clamped to [0.02, 0.98] (Reward Forcing: 5).")
     reward_beta: float = field(0.0, "re-dmd: sample weight exp(reward_beta * r_hat) (Reward Forcing: 2.0 on the "
@@ -90,16 +94,35 @@ class DMD:
         if run.accelerator.num_processes > 1:
             raise ConfigError("dmd runs in one process for now (its critic is not wrapped for DDP); launch it "
                               "without accelerate's multi-process settings.")
-        self.critic = copy.deepcopy(run.model.transformer).float().requires_grad_(True)
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.cfg.critic_lr or self.cfg.lr,
-                                            weight_decay=self.cfg.weight_decay)
+        self.critic = copy.deepcopy(run.model.transformer)  # starts as the teacher (a fresh LoRA adds nothing)
+        if cfg.critic_finetune == "lora":
+            from peft import LoraConfig
+
+            self.critic.requires_grad_(False)
+            if not getattr(self.critic, "peft_config", None):  # a fully fine-tuned student: give the copy a LoRA
+                self.critic.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+                                                   init_lora_weights="gaussian",
+                                                   target_modules=list(model.lora_targets)))
+            for name, p in self.critic.named_parameters():
+                p.requires_grad_("lora_" in name)
+        else:
+            self.critic.requires_grad_(True)
+        self.critic_params = {n: p for n, p in self.critic.named_parameters() if p.requires_grad}
+        for p in self.critic_params.values():
+            p.data = p.data.float()  # trainable weights in fp32, as the student's
+        self.critic_opt = torch.optim.AdamW(list(self.critic_params.values()), lr=cfg.critic_lr or cfg.lr,
+                                            weight_decay=cfg.weight_decay)
 
     def state_dict(self) -> dict:
-        return {"critic": {k: v.detach().cpu().clone() for k, v in self.critic.state_dict().items()},
+        return {"critic": {n: p.detach().cpu().clone() for n, p in self.critic_params.items()},
                 "critic_opt": self.critic_opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.critic.load_state_dict(state["critic"])
+        if list(state["critic"]) != list(self.critic_params):
+            raise ValueError("The checkpoint's critic holds other trainable parameters (critic_finetune changed?).")
+        with torch.no_grad():
+            for n, p in self.critic_params.items():
+                p.copy_(state["critic"][n])
         self.critic_opt.load_state_dict(state["critic_opt"])
 
     @contextlib.contextmanager
@@ -134,7 +157,7 @@ class DMD:
             raise FloatingPointError(f"The critic's loss is {loss.item()} at step {run.step}; lower critic_lr.")
         self.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
+        norm = torch.nn.utils.clip_grad_norm_(list(self.critic_params.values()),
                                               run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf"))
         self.critic_opt.step()
         return loss.item(), float(norm)

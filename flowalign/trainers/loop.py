@@ -213,12 +213,12 @@ class Run:
 
         k = self.cfg.group_size
         chunk = max(1, self.cfg.rollout_batch_size // k)
+        sample_kwargs = {"num_steps": self.cfg.num_steps, "guidance_scale": self.cfg.guidance_scale, **sample_kwargs}
         parts = []
         with self.unwrapped(), self.autocast():
             for i in range(0, len(prompts), chunk):
-                parts.append(fa.sample(self.model, prompts[i:i + chunk], num_steps=self.cfg.num_steps,
-                                       guidance_scale=self.cfg.guidance_scale, num_images_per_prompt=k,
-                                       generator=gen, **self.size(), **sample_kwargs))
+                parts.append(fa.sample(self.model, prompts[i:i + chunk], num_images_per_prompt=k, generator=gen,
+                                       **self.size(), **sample_kwargs))
         return Trajectory.cat(parts)
 
     def size(self) -> dict:
