@@ -3,8 +3,9 @@
     python benchmarks/bench_distill.py --world toy2d [--epochs 200]
     python benchmarks/bench_distill.py --world shapes [--epochs 60] [--per-category 24] [--tasks dmd,re-dmd,rg-lcd]
 
-toy2d (class "8gaussians"): 1-step and 4-step DMD students and a 1-step Re-DMD student (reward ``toy2d-linear``,
-r = y) trained from the bundled teacher. Energy distance of 4,000 student samples to 4,000 teacher samples (50
+toy2d (class "8gaussians"): 1-step and 4-step DMD students, a 1-step Re-DMD student (reward ``toy2d-linear``,
+r = y), and 1-step LCD and RG-LCD (the same reward on the one-step prediction) students, all from the bundled
+teacher. Energy distance of 4,000 student samples to 4,000 teacher samples (50
 ODE steps), next to the teacher-vs-teacher noise floor (two independent teacher sample sets), the teacher run
 at the student's step count (Euler), and the student at initialisation (the teacher with the student's step
 rule); the mean reward shows whether Re-DMD tilts the student.
@@ -41,7 +42,6 @@ def _points(model, n: int, seed: int, steps: int | None = None, **kw) -> torch.T
 def toy2d(args) -> dict:
     import flowalign as fa
     from flowalign.config import load_config
-    from flowalign.trainers.dmd import DMDConfig, train_dmd
     from flowalign.zoo.toy2d import LinearReward, energy_distance, plot
 
     n, reward = args.n, LinearReward()
@@ -52,13 +52,17 @@ def toy2d(args) -> dict:
     base = {"model": "toy2d", "reward": "toy2d-linear", "prompts": f"toy2d:{CLASS}", "eval_prompts": None,
             "epochs": args.epochs, "groups_per_epoch": 1, "group_size": 256, "lr": 1e-3, "finetune": "full",
             "save_every": 0, "log_with": "none", "progress": False, "threads": args.threads}
+    lcd = {"task": "rg-lcd", "student_steps": 1, "num_steps": 20, "solver_steps": 20, "rollout_batch_size": 256,
+           "train_batch_size": 32, "train_timesteps": 1, "epochs": args.epochs // 5}  # 8 updates an epoch
     runs = {"dmd-1step": {"task": "dmd", "student_steps": 1}, "dmd-4step": {"task": "dmd", "student_steps": 4},
-            "re-dmd-1step": {"task": "re-dmd", "student_steps": 1, "reward_beta": 1.0}}
+            "re-dmd-1step": {"task": "re-dmd", "student_steps": 1, "reward_beta": 1.0},
+            "lcd-1step": {**lcd, "reward_scale": 0.0}, "rg-lcd-1step": {**lcd, "reward_scale": 0.3}}
     samples = {"teacher (50 steps)": ref}
     for name, kw in runs.items():
         folder = Path(args.out) / name
+        schema, train = _trainer(kw["task"])
         t0 = time.perf_counter()
-        train_dmd(load_config(DMDConfig, {**base, **kw, "out": str(folder)}))
+        train(load_config(schema, {**base, **kw, "out": str(folder)}))
         seconds = time.perf_counter() - t0
         student = fa.load_model(str(folder / "student"))
         k = kw["student_steps"]

@@ -8,8 +8,9 @@ samples it as trained. Each epoch:
 
 1. ``ttur`` **critic** updates: the critic (a trainable copy of the teacher's transformer, the "fake score") learns
    the student's current distribution by flow matching on fresh student samples at shifted-uniform noise levels;
-2. one **student** update. Backward simulation (DMD2): a step ``k`` of the student's schedule is drawn, the
-   student runs ``k`` steps without gradient, and its x0 prediction from that state ``x`` is trained. ``x`` is
+2. one **student** update. Backward simulation (DMD2): per sample a step ``k`` of the student's schedule is
+   drawn, the student runs ``k`` steps without gradient, and its x0 prediction ``x`` from that state is trained
+   (the critic learns the distribution of the same x0 predictions). ``x`` is
    noised to a random level; the frozen teacher with CFG (the "real" score; the LoRA switched off, or the
    initial weights) and the critic each predict x0 there, and the student follows the normalised
    distribution-matching direction (:mod:`flowalign.functional.dmd`).
@@ -144,10 +145,21 @@ class DMD:
                              sampler=self.cfg.student_sampler, eta=self.cfg.student_eta, cond=cond, generator=gen,
                              decode=False, **run.size())
 
+    def backward_simulated(self, run, cond, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward simulation: per sample a step ``k`` of the student's schedule and the state ``x_k`` its own
+        sampler reaches there (no gradient); returns ``(x_k, sigma_k)`` with per-sample sigmas."""
+        traj = self.student_trajectory(run, cond, gen)
+        k = torch.randint(self.cfg.student_steps, (len(traj.latents),), generator=gen)
+        xk = traj.latents[torch.arange(len(k)), k].to(run.model.device)
+        return xk, traj.sigmas[k].to(run.model.device)
+
     def critic_step(self, run, cond, gen: torch.Generator) -> tuple[float, float]:
-        """One flow-matching update of the critic on fresh student samples; returns (loss, grad norm)."""
+        """One flow-matching update of the critic on fresh student outputs (x0 predictions at backward-simulated
+        states, the samples the student update moves); returns (loss, grad norm)."""
         model = run.model
-        x = self.student_trajectory(run, cond, gen).latents[:, -1]
+        xk, sigma_k = self.backward_simulated(run, cond, gen)
+        with torch.no_grad(), run.unwrapped(), run.autocast():
+            x = x0_from_velocity(xk, model.velocity(xk, sigma_k, cond, 1.0).float(), sigma_k)
         sigma = shifted_uniform_sigmas(len(x), self.cfg.timestep_shift, gen).to(model.device)
         eps = torch.randn(x.shape, generator=gen).to(model.device)
         with self.critic_on(model), run.autocast():
@@ -175,9 +187,7 @@ class DMD:
         t_critic = time.perf_counter() - t0
 
         # student update at a backward-simulated state of its own schedule
-        k = int(torch.randint(cfg.student_steps, (1,), generator=shared))
-        traj = self.student_trajectory(run, cond, local)
-        xk, sigma_k = traj.latents[:, k], traj.sigmas[k].to(model.device)
+        xk, sigma_k = self.backward_simulated(run, cond, local)
         # the teacher and the critic run before the student's forward with gradient: swapping in the teacher's
         # weights (full fine-tuning) after it would invalidate the tensors its backward saved
         with torch.no_grad(), run.unwrapped(), run.autocast():
@@ -208,7 +218,7 @@ class DMD:
                 "throughput/critic_samples_per_s": cfg.ttur * len(x) / max(t_critic, 1e-9),
                 "train/dm_loss": loss.item(), "train/dm_grad": grad.abs().mean().item(), "train/grad_norm": norm,
                 "train/critic_loss": mean([c[0] for c in critic]),
-                "train/critic_grad_norm": mean([c[1] for c in critic]), "train/backward_step": k}
+                "train/critic_grad_norm": mean([c[1] for c in critic])}
 
     def export(self, run, folder: Path) -> None:
         """The student as a full pipeline in ``folder/student``; its flowalign.json holds the student's step count,

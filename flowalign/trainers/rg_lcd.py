@@ -41,6 +41,8 @@ class RGLCDConfig(TrainConfig):
 
     task: str = field("rg-lcd", "What `flowalign train` runs; this schema is RG-LCD.", choices=("rg-lcd",))
     out: str = field("runs/rg-lcd", "Run folder; the student pipeline is written to out/student.")
+    reward: str = field("shapes-clip", "Differentiable reward on the one-step prediction: registered name or "
+                                       "'package.module:Class'.")
     student_steps: int = field(4, "Sampling steps of the student (x0 prediction re-noised at every step, no CFG).")
     solver_steps: int = field(50, "Steps of the teacher schedule the skipping-step solver walks (LCM: 50).")
     skip: int = field(1, "Schedule steps per solver step (with solver_steps 50, LCM's skip of 20 in 1000).")
