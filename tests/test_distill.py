@@ -80,9 +80,12 @@ def _points(model, n, seed, steps=None):
 def test_one_step_dmd_student_matches_the_teacher_on_toy2d(tmp_path):
     from flowalign.zoo.toy2d import energy_distance
 
+    stale = tmp_path / "run" / "student"
+    stale.mkdir(parents=True)
+    (stale / "flowalign.json").write_text('{"num_steps": 9, "sampler": "flow-sde"}')  # an earlier run's settings
     train_dmd(_toy_cfg(tmp_path))
     student = fa.load_model(str(tmp_path / "run" / "student"))
-    assert student.default_num_steps == 1 and student.default_guidance_scale == 1.0
+    assert (student.default_num_steps, student.default_sampler, student.default_guidance_scale) == (1, "cps", 1.0)
     teacher = fa.load_model("toy2d")
     ref = _points(teacher, 2000, 1, steps=50)
     one_step_teacher = energy_distance(_points(teacher, 2000, 2, steps=1), ref)

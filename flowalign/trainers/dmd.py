@@ -226,8 +226,8 @@ class DMD:
         ema = run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext()
         with ema:
             path = Path(run.model.save_pretrained(folder / "student"))
-        if not (path / "flowalign.json").exists():  # toy2d folders: save_pretrained writes the network only
-            (path / "flowalign.json").write_text(json.dumps(run.model.settings(), indent=2))
+        # always (re)written: a folder left by an earlier run must not keep its stale sampling settings
+        (path / "flowalign.json").write_text(json.dumps(run.model.settings(), indent=2))
 
 
 def train_dmd(cfg: DMDConfig, model=None, reward=None) -> dict:

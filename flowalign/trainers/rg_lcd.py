@@ -143,8 +143,8 @@ class RGLCD:
         ema = run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext()
         with ema:
             path = Path(run.model.save_pretrained(folder / "student"))
-        if not (path / "flowalign.json").exists():
-            (path / "flowalign.json").write_text(json.dumps(run.model.settings(), indent=2))
+        # always (re)written: a folder left by an earlier run must not keep its stale sampling settings
+        (path / "flowalign.json").write_text(json.dumps(run.model.settings(), indent=2))
 
 
 def train_rg_lcd(cfg: RGLCDConfig, model=None, reward=None) -> dict:
