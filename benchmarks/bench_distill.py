@@ -146,8 +146,9 @@ def shapes(args) -> dict:
             print(f"teacher {steps}", json.dumps(out["models"][f"teacher {steps} steps"]), flush=True)
     for task in args.tasks.split(","):
         schema, train = _trainer(task)
-        name = task + (f" ({' '.join(args.set)})" if args.set else "")
-        folder = Path(args.out) / (task + "".join("_" + kv.replace("=", "-") for kv in args.set))
+        tags = [*args.set, *([f"{args.epochs} epochs"] if args.epochs != 60 else [])]
+        name = task + (f" ({', '.join(tags)})" if tags else "")
+        folder = Path(args.out) / (task + "".join("_" + t.replace("=", "-").replace(" ", "-") for t in tags))
         cfg = load_config(schema, ROOT / "configs" / task / "shapes.yaml",
                           [f"out={folder}", f"epochs={args.epochs}", f"threads={args.threads}", "progress=false",
                            *args.set])
