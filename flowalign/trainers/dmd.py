@@ -137,7 +137,8 @@ class DMD:
             model.use_denoiser(previous)
 
     def student_trajectory(self, run, cond, gen: torch.Generator):
-        """The student's samples (no gradient): every state of its ``student_steps`` Euler steps from noise."""
+        """The student's samples (no gradient): every state of its ``student_steps`` steps from noise, with its own
+        step rule."""
         import flowalign as fa
 
         with torch.no_grad(), run.unwrapped(), run.autocast():
