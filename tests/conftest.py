@@ -19,3 +19,30 @@ def tiny_sd3():
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def untrained_lora_parameters(train) -> tuple[object, list[str]]:
+    """Run ``train()`` and return its :class:`~flowalign.trainers.loop.Run` and the trainable parameters that did not
+    change. SD3's last block discards its context stream, so the LoRA on that block's context-query projection
+    gets no gradient and is left out."""
+    from flowalign.trainers import loop
+
+    seen = {}
+    orig = loop.Run.__init__
+
+    def init(self, *a, **k):
+        orig(self, *a, **k)
+        seen["before"] = [p.detach().clone() for p in self.params]
+        seen["run"] = self
+
+    loop.Run.__init__ = init
+    try:
+        train()
+    finally:
+        loop.Run.__init__ = orig
+    run = seen["run"]
+    assert len(run.params) > 0 and all(p.requires_grad for p in run.params)
+    last = max(int(n.split(".")[1]) for n in run.param_names if n.startswith("transformer_blocks."))
+    dead = f"transformer_blocks.{last}.attn.add_q_proj."
+    return run, [n for n, a, b in zip(run.param_names, seen["before"], run.params)
+                 if torch.equal(a, b.detach()) and not n.startswith(dead)]

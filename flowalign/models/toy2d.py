@@ -232,11 +232,14 @@ class Toy2DModel(FlowModel):
         return net
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
-        """Save the network (diffusers ``ModelMixin`` format; an attached LoRA is merged into a copy first).
+        """Save the network (diffusers ``ModelMixin`` format; an attached LoRA is merged into a copy first) and
+        flowalign's settings (``flowalign.json``, e.g. a distilled student's step count and step rule).
 
-        ``Toy2DModel.from_pretrained(directory)`` loads it.
+        ``fa.load_model(directory)`` loads both; ``Toy2DModel.from_pretrained(directory)`` the network.
         """
         self.merged_net().save_pretrained(str(directory), safe_serialization=True)
+        with open(os.path.join(directory, "flowalign.json"), "w") as f:
+            json.dump(self.settings(), f, indent=2)
         return str(directory)
 
     @classmethod

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -180,9 +179,9 @@ class DMD:
         prompts, _ = run.epoch_prompts(shared)
         prompts = [p for p in prompts for _ in range(cfg.group_size)]
         gs_eff = self.gs_real + (1.0 if cfg.cfg_convention == "cond" else 0.0)  # c + s(c - u) = u + (s + 1)(c - u)
+        # both CFG halves: the teacher uses them, the student and the critic (guidance 1) only the cond half
         with torch.no_grad():
-            cond = model.encode(prompts, guidance_scale=1.0)
-            cond_real = model.encode(prompts, guidance_scale=gs_eff)
+            cond = model.encode(prompts, guidance_scale=gs_eff)
         t0 = time.perf_counter()
         critic = [self.critic_step(run, cond, local) for _ in range(cfg.ttur)]
         t_critic = time.perf_counter() - t0
@@ -197,7 +196,7 @@ class DMD:
             eps = torch.randn(x_ng.shape, generator=local).to(model.device)
             xt = interpolate(x_ng, eps, sigma)
             with run.reference():
-                x0_real = x0_from_velocity(xt, model.velocity(xt, sigma, cond_real, gs_eff).float(), sigma)
+                x0_real = x0_from_velocity(xt, model.velocity(xt, sigma, cond, gs_eff).float(), sigma)
             with self.critic_on(model):
                 x0_fake = x0_from_velocity(xt, model.velocity(xt, sigma, cond, 1.0).float(), sigma)
         with run.autocast():  # the same forward again, now with gradient
@@ -222,13 +221,7 @@ class DMD:
                 "train/critic_grad_norm": mean([c[1] for c in critic])}
 
     def export(self, run, folder: Path) -> None:
-        """The student as a full pipeline in ``folder/student``; its flowalign.json holds the student's step count,
-        step rule and CFG 1 (set in :meth:`setup`), so loading it by path samples it as trained."""
-        ema = run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext()
-        with ema:
-            path = Path(run.model.save_pretrained(folder / "student"))
-        # always (re)written: a folder left by an earlier run must not keep its stale sampling settings
-        (path / "flowalign.json").write_text(json.dumps(run.model.settings(), indent=2))
+        run.export_student(folder)
 
 
 def train_dmd(cfg: DMDConfig, model=None, reward=None) -> dict:

@@ -337,10 +337,9 @@ class Run:
 
         if not self.eval_prompts:
             return {}
-        ema = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
         images = []
-        with ema, self.unwrapped(), self.autocast():
+        with self.ema_weights(), self.unwrapped(), self.autocast():
             for i in range(0, len(self.eval_prompts), self.cfg.rollout_batch_size):
                 traj = fa.sample(self.model, self.eval_prompts[i:i + self.cfg.rollout_batch_size],
                                  num_steps=self.cfg.eval_steps, generator=gen, **self.size(),
@@ -423,12 +422,22 @@ class Run:
 
     def _export(self, folder: Path) -> None:
         """The trained weights in the diffusers format (EMA when on): ``lora/`` or ``transformer/``."""
-        ema = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-        with ema:
+        with self.ema_weights():
             if self.cfg.finetune == "lora":
                 self.model.save_lora(folder / "lora")
             else:
                 self.model.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+
+    def export_student(self, folder: Path) -> Path:
+        """A distilled student as a full pipeline in ``folder/student`` (EMA weights when on). The model's settings
+        go with it (the student's step count, step rule and CFG, set by the algorithm), so loading the folder by
+        path samples it as trained."""
+        with self.ema_weights():
+            return Path(self.model.save_pretrained(folder / "student"))
+
+    def ema_weights(self):
+        """The EMA weights swapped in, when an EMA is kept."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
     def resume(self) -> None:
         if not self.cfg.resume:

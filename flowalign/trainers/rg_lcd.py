@@ -20,9 +20,7 @@ these settings. Not implemented yet: the latent proxy reward model updated onlin
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -96,10 +94,8 @@ class RGLCD:
         t0 = time.perf_counter()
         with run.reference():  # the teacher's own CFG samples: the clean latents to distil on
             traj = run.rollout(prompts, local, sampler="ode", guidance_scale=self.gs_teacher)
-        x0_all, prompts_all = traj.x0.float(), list(traj.prompts)
-        with torch.no_grad():
-            cond = model.encode(prompts_all, guidance_scale=1.0)
-            cond_cfg = model.encode(prompts_all, guidance_scale=self.gs_teacher)
+        # the rollout's conditioning carries both CFG halves: the student reads it at guidance 1 (cond half only)
+        x0_all, prompts_all, cond = traj.x0.float(), list(traj.prompts), traj.cond
         t_rollout = time.perf_counter() - t0
         stats: dict[str, list[float]] = {"lcd": [], "reward": [], "grad_norm": []}
         rewards = []
@@ -107,7 +103,7 @@ class RGLCD:
         order = torch.randperm(len(x0_all), generator=local)
         for start in range(0, len(order), per):
             mb = order[start:start + per]
-            x0, c, c_cfg = x0_all[mb].to(model.device), cond.index(mb), cond_cfg.index(mb)
+            x0, c = x0_all[mb].to(model.device), cond.index(mb)
             for _ in range(cfg.train_timesteps):
                 hi, lo = skip_pairs(self.solver_sigmas, len(mb), cfg.skip, local)
                 hi, lo = hi.to(model.device), lo.to(model.device)
@@ -116,7 +112,7 @@ class RGLCD:
                 # teacher step and EMA target before the student's forward with gradient (weight swaps)
                 with torch.no_grad(), run.unwrapped(), run.autocast():
                     with run.reference():
-                        x_lo = euler_solver_step(x_hi, model.velocity(x_hi, hi, c_cfg, self.gs_teacher).float(), hi,
+                        x_lo = euler_solver_step(x_hi, model.velocity(x_hi, hi, c, self.gs_teacher).float(), hi,
                                                  lo)
                     with self.target.swapped_in():
                         target = x0_from_velocity(x_lo, model.velocity(x_lo, lo, c, 1.0).float(), lo)
@@ -139,12 +135,7 @@ class RGLCD:
                              grad_norm=mean(stats["grad_norm"]))
 
     def export(self, run, folder: Path) -> None:
-        """The student as a full pipeline in ``folder/student`` with its sampling settings (see the module doc)."""
-        ema = run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext()
-        with ema:
-            path = Path(run.model.save_pretrained(folder / "student"))
-        # always (re)written: a folder left by an earlier run must not keep its stale sampling settings
-        (path / "flowalign.json").write_text(json.dumps(run.model.settings(), indent=2))
+        run.export_student(folder)
 
 
 def train_rg_lcd(cfg: RGLCDConfig, model=None, reward=None) -> dict:
