@@ -26,14 +26,18 @@ from flowalign.rewards.base import Reward
 from flowalign.trainers import loop
 from flowalign.trainers.crd import CRDConfig, train_crd
 from flowalign.trainers.dmd import DMDConfig, train_dmd
+from flowalign.trainers.flash_dmd import FlashDMDConfig, train_flash_dmd
 from flowalign.trainers.grpo import GRPOConfig, train_grpo
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINERS = {"grpo": (GRPOConfig, train_grpo), "crd": (CRDConfig, train_crd), "dmd": (DMDConfig, train_dmd)}
+TRAINERS = {"grpo": (GRPOConfig, train_grpo), "crd": (CRDConfig, train_crd), "dmd": (DMDConfig, train_dmd),
+            "flash-dmd": (FlashDMDConfig, train_flash_dmd)}
 # settings that make more state matter on resume: GRPO's EMA, CRD's old and (active) sampling snapshots, DMD's
 # critic and its optimizer
 EXTRA = {"grpo": {"ema_decay": 0.5}, "crd": {"train_timesteps": 2, "sampling_decay": "0-0.5-0.0-0.5"},
-         "dmd": {"student_steps": 2, "ttur": 2, "group_size": 1, "ema_decay": 0.5}}
+         "dmd": {"student_steps": 2, "ttur": 2, "group_size": 1, "ema_decay": 0.5},
+         "flash-dmd": {"student_steps": 2, "group_size": 1, "dm_sigma_min": 0.9, "disc": "critic", "real_pool": 4,
+                       "rl_every": 2, "rl_candidates": 2, "critic_ema": 0.9}}
 LORA_FILE = "lora/pytorch_lora_weights.safetensors"
 
 
@@ -147,7 +151,10 @@ else:  # "checkpoint": the third epoch is done and logged, its checkpoint is hal
 
     loop.torch.save = stalling_save
 
-schema, train = {"grpo": (GRPOConfig, train_grpo), "crd": (CRDConfig, train_crd), "dmd": (DMDConfig, train_dmd)}[task]
+from flowalign.trainers.flash_dmd import FlashDMDConfig, train_flash_dmd
+
+schema, train = {"grpo": (GRPOConfig, train_grpo), "crd": (CRDConfig, train_crd), "dmd": (DMDConfig, train_dmd),
+                 "flash-dmd": (FlashDMDConfig, train_flash_dmd)}[task]
 train(load_config(schema, json.loads(Path(settings_path).read_text())))
 sys.exit("the run finished without being killed")
 '''
@@ -180,7 +187,8 @@ def _run_until_killed(task: str, settings: dict, kill_point: str, tmp_path: Path
 
 
 @pytest.mark.parametrize("task, kill_point", [("grpo", "rollout"), ("grpo", "checkpoint"), ("crd", "rollout"),
-                                              ("crd", "checkpoint"), ("dmd", "checkpoint")])
+                                              ("crd", "checkpoint"), ("dmd", "checkpoint"),
+                                              ("flash-dmd", "checkpoint")])
 def test_run_killed_after_epoch_2_and_resumed_matches_uninterrupted_run(task, kill_point, tmp_path):
     prompts = str(_prompt_file(tmp_path))
     ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
@@ -203,7 +211,7 @@ def test_run_killed_after_epoch_2_and_resumed_matches_uninterrupted_run(task, ki
     assert [r["epoch"] for r in _records(out)] == [0, 1, 2, 3]  # epoch 0: the evaluation before training
     assert sorted(p.name for p in ckpt.iterdir()) == ["epoch-0002", "epoch-0003", "latest"]  # no *.tmp left
     got, ref = _load_state(ckpt / "epoch-0003"), _load_state(ref_out / loop.CKPT_DIR / "epoch-0003")
-    assert (got["epoch"], got["step"]) == (ref["epoch"], ref["step"]) == (3, 3)
+    assert (got["epoch"], got["step"]) == (ref["epoch"], ref["step"]) == (3, 4 if task == "flash-dmd" else 3)  # + 1 RL
     for key in ("params", "optimizer", "ema", "algorithm", "config"):
         _assert_same(got[key], ref[key], key)
     _assert_same(load_file(out / LORA_FILE), load_file(ref_out / LORA_FILE), "exported LoRA")

@@ -9,6 +9,9 @@ the student's own samples (the "fake" score). In x0 form, with ``x_sigma = (1 - 
 
 The normaliser is DMD2's per-sample mean absolute error of the real prediction. Re-DMD (Reward Forcing)
 weights each sample's loss by ``exp(beta * r_hat)``, ``r_hat`` the batch-standardised reward (or the raw reward).
+
+The adversarial terms (DMD2's diffusion-GAN; Flash-DMD's low-noise GAN) are the non-saturating losses, and
+Flash-DMD's joint RL is a step-level DPO on pairs of next states drawn from the same state.
 """
 
 from __future__ import annotations
@@ -61,3 +64,24 @@ def shifted_uniform_sigmas(n: int, shift: float, generator: torch.Generator, low
     ``shift tau / (1 + (shift - 1) tau)`` and clamped to ``[low, high]`` (Reward Forcing: shift 5, [0.02, 0.98])."""
     tau = torch.rand(n, generator=generator)
     return (shift * tau / (1 + (shift - 1) * tau)).clamp(low, high)
+
+
+def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss ``softplus(-D(fake))`` (DMD2's ``gen_cls_loss``, Flash-DMD's low-noise
+    adversarial term), averaged over the batch."""
+    return torch.nn.functional.softplus(-logits_fake.float()).mean()
+
+
+def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator loss ``softplus(D(fake)) + softplus(-D(real))`` (DMD2), each averaged over its batch."""
+    softplus = torch.nn.functional.softplus
+    return softplus(logits_fake.float()).mean() + softplus(-logits_real.float()).mean()
+
+
+def step_dpo_loss(lp_win: torch.Tensor, lp_lose: torch.Tensor, ref_win: torch.Tensor, ref_lose: torch.Tensor,
+                  beta: float) -> torch.Tensor:
+    """Step-level DPO (Flash-DMD's joint RL, of the LPO kind): for a preferred and a rejected next state drawn
+    from the same state, ``-log sigmoid(beta * [(log p(w) - log p_ref(w)) - (log p(l) - log p_ref(l))])``,
+    averaged over the batch; the reference log-probs are constants."""
+    margin = (lp_win.float() - ref_win.detach().float()) - (lp_lose.float() - ref_lose.detach().float())
+    return -torch.nn.functional.logsigmoid(beta * margin).mean()
