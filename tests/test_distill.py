@@ -233,3 +233,31 @@ def test_rg_lcd_needs_a_differentiable_reward(tmp_path):
                           num_steps=2, epochs=2, reward_scale=0.0, student_steps=2, out=str(tmp_path / "ok")))
     student = fa.load_model(str(tmp_path / "ok" / "student"))
     assert (student.default_num_steps, student.default_sampler, student.default_guidance_scale) == (2, "cps", 1.0)
+
+
+def test_rg_lcd_latent_proxy_reward_learns_online_from_a_non_differentiable_expert(tmp_path):
+    from flowalign.trainers.rg_lcd import RGLCD, train_rg_lcd
+    from flowalign.trainers.loop import run_task
+
+    with pytest.raises(ConfigError, match="image latents"):
+        train_rg_lcd(_lcd_cfg(tmp_path, reward_via="lrm", out=str(tmp_path / "toy")))
+    (tmp_path / "p.txt").write_text("a red circle\ntwo blue squares\n")
+    cfg = _lcd_cfg(tmp_path, model="tiny-sd3", reward="jpeg-compressibility", prompts=str(tmp_path / "p.txt"),
+                   finetune="lora", lora_rank=4, group_size=2, rollout_batch_size=4, train_batch_size=4,
+                   num_steps=2, epochs=2, reward_via="lrm", reward_scale=1.0, lrm_batch=3, lrm_lr=1e-2,
+                   student_steps=2, out=str(tmp_path / "lrm"))
+    algo = RGLCD(cfg)
+    lrm_before = []
+    build = algo.build_lrm
+
+    def build_and_remember(run):
+        lrm = build(run)
+        lrm_before.extend(p.detach().clone() for p in algo.lrm_params)
+        return lrm
+
+    algo.build_lrm = build_and_remember
+    _, unchanged = untrained_lora_parameters(lambda: run_task(cfg, algo, model=fa.load_model("tiny-sd3")))
+    assert not unchanged, unchanged[:5]  # the LRM's gradient reaches every LoRA parameter through z0
+    assert lrm_before and all(not torch.equal(a, b) for a, b in zip(lrm_before, algo.lrm_params))
+    rec = [json.loads(line) for line in (tmp_path / "lrm" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train/lrm_loss"] >= 0 and 0 <= r["train/lrm_agree"] <= 1 for r in rec)

@@ -10,12 +10,19 @@ consistency function is its x0 prediction ``f(x, sigma) = x - sigma v(x, sigma)`
    teacher's ``solver_steps``-step schedule, ``x_hi`` on the forward process, one teacher ODE step with CFG to
    ``x_lo``, the target ``f_target(x_lo, sigma_lo)`` from an EMA of the student (``target_ema``, LCM: 0.95), and
    the pseudo-Huber loss ``L_LCD`` between ``f(x_hi, sigma_hi)`` and it;
-3. the reward term: ``- reward_scale * R(decode(f(x_hi, sigma_hi)), prompt)`` on the one-step prediction, with the
-   gradient through the VAE decoder and a differentiable reward (RG-LCD's direct expert-reward path).
+3. the reward term on the one-step prediction ``z0 = f(x_hi, sigma_hi)``, either
+   - ``reward_via: direct``: ``- reward_scale * R(decode(z0), prompt)``, the gradient through the VAE decoder and a
+     differentiable expert reward (RG-LCD's ``--direct_optim_expert_reward``), or
+   - ``reward_via: lrm``: ``- reward_scale * LRM(z0, prompt)``, a latent proxy reward model (a
+     :class:`~flowalign.rewards.latent.LatentRewardNet` at sigma 0, fresh or from ``lrm_path``) that is frozen for
+     this step and then updated online against the expert reward: for each of ``lrm_batch`` samples the expert
+     scores the decoded one-step prediction, the EMA target's prediction and the teacher's sample, and the LRM
+     learns that ranking by ``KL(softmax(expert / lrm_temperature) || softmax(LRM))`` (RG-LCD's
+     ``distillation`` loss). The expert is never differentiated, so a rule-based verifier can be the expert.
 
 The student samples in ``student_steps`` steps, each predicting x0 and re-noising it with fresh noise (the
 ``cps`` rule at eta 1; LCM's multistep consistency sampling); the saved student in ``out/student`` carries
-these settings. Not implemented yet: the latent proxy reward model updated online (RG-LCD's LRM path).
+these settings.
 """
 
 from __future__ import annotations
@@ -49,6 +56,15 @@ class RGLCDConfig(TrainConfig):
     target_ema: float = field(0.95, "EMA decay of the target network (LCM: 0.95).")
     huber_c: float = field(1e-3, "Pseudo-Huber constant c (LCM: 0.001).")
     reward_scale: float = field(1.0, "Weight of -R on the one-step prediction (0: plain LCD).")
+    reward_via: str = field("direct", "direct: the expert reward on the decoded one-step prediction (differentiable "
+                                      "reward); lrm: a latent proxy reward model on it, learnt online from the "
+                                      "expert's rankings.", choices=("direct", "lrm"))
+    lrm_path: str | None = field(None, "reward_via=lrm: start from this trained latent reward (a reward-model run "
+                                       "folder or its latent_reward.safetensors); null: a fresh LatentRewardNet.")
+    lrm_lr: float = field(1e-4, "reward_via=lrm: the LRM's AdamW learning rate.")
+    lrm_batch: int = field(8, "reward_via=lrm: samples per minibatch whose (prediction, target, teacher) triples "
+                              "the expert ranks for the LRM update.")
+    lrm_temperature: float = field(1.0, "reward_via=lrm: temperature of the expert's softmax over each triple.")
     train_timesteps: int = field(2, "(sigma_hi, sigma_lo) pairs drawn per sample and epoch.")
     eval_steps: int = field(4, "Sampling steps at evaluation (the student's).")
     eval_guidance_scale: float | None = field(1.0, "CFG at evaluation (the student is CFG-free).")
@@ -62,6 +78,10 @@ class RGLCDConfig(TrainConfig):
         _require(0 <= self.target_ema < 1, "target_ema", self.target_ema, "must lie in [0, 1)", "target_ema=0.95")
         _require(self.huber_c > 0, "huber_c", self.huber_c, "must be > 0", "huber_c=0.001")
         _require(self.reward_scale >= 0, "reward_scale", self.reward_scale, "must be >= 0", "reward_scale=1.0")
+        _require(self.lrm_lr > 0, "lrm_lr", self.lrm_lr, "must be > 0", "lrm_lr=1e-4")
+        _require(self.lrm_batch >= 1, "lrm_batch", self.lrm_batch, "must be >= 1", "lrm_batch=8")
+        _require(self.lrm_temperature > 0, "lrm_temperature", self.lrm_temperature, "must be > 0",
+                 "lrm_temperature=1.0")
         _require(self.train_timesteps >= 1, "train_timesteps", self.train_timesteps, "must be >= 1",
                  "train_timesteps=2")
 
@@ -74,19 +94,76 @@ class RGLCD:
 
     def setup(self, run) -> None:
         cfg, model = self.cfg, run.model
-        if cfg.reward_scale > 0 and not getattr(run.reward, "differentiable", False):
+        self.lrm = self.build_lrm(run) if cfg.reward_via == "lrm" else None
+        if cfg.reward_via == "direct" and cfg.reward_scale > 0 and not getattr(run.reward, "differentiable", False):
             raise ConfigError(f"rg-lcd backpropagates through the reward, but {cfg.reward!r} is not differentiable; "
-                              f"choose a differentiable reward (e.g. shapes-clip, pickscore) or reward_scale=0.")
+                              f"choose a differentiable reward (e.g. shapes-clip, pickscore), reward_via=lrm "
+                              f"or reward_scale=0.")
         self.gs_teacher = model.guidance_or_default(cfg.guidance_scale)
         self.solver_sigmas = model.sigmas(cfg.solver_steps, **run.size()).float()
         self.target = Snapshot(run.params)
         model.configure({"num_steps": cfg.student_steps, "sampler": "cps", "eta": 1.0, "guidance_scale": 1.0})
 
+    def build_lrm(self, run):
+        """The latent proxy reward model and its optimizer (RG-LCD's LRM)."""
+        from flowalign.rewards.latent import LatentRewardNet, load_latent_reward, text_encoder_from_model
+
+        cfg, model = self.cfg, run.model
+        probe = model.noise(1, **{k: v for k, v in run.size().items() if k != "num_frames"})
+        if probe.ndim != 4:
+            raise ConfigError(f"reward_via=lrm needs image latents (B, C, h, w); {cfg.model!r} has "
+                              f"{tuple(probe.shape)}. Use reward_via=direct.")
+        if cfg.lrm_path:
+            lrm = load_latent_reward(cfg.lrm_path, model=model)
+        else:
+            encoder = text_encoder_from_model(model)
+            torch.manual_seed(cfg.seed)
+            lrm = LatentRewardNet(probe.shape[1], text_dim=encoder(["a"]).shape[-1], text_encoder=encoder,
+                                  name="rg-lcd-lrm")
+        lrm = lrm.to(model.device).float()
+        self.lrm_params = lrm.trainable_parameters()
+        self.lrm_opt = torch.optim.AdamW(self.lrm_params, lr=cfg.lrm_lr)
+        return lrm
+
+    def lrm_scores(self, z0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The LRM's standardised score of clean latents (sigma 0), differentiable in ``z0``."""
+        sigma = torch.zeros(len(z0), device=z0.device)
+        return self.lrm.predict(z0.float(), sigma, self.lrm.encode_text(prompts))
+
+    def lrm_step(self, run, triples: list[torch.Tensor], prompts: list[str]) -> tuple[float, float, torch.Tensor]:
+        """Update the LRM toward the expert's ranking of each (prediction, target, teacher sample) triple;
+        returns (loss, how often the LRM's best of a triple is the expert's, the expert's score of the
+        predictions)."""
+        n = min(self.cfg.lrm_batch, len(prompts))
+        latents = torch.cat([t[:n].detach() for t in triples])
+        prompts3 = list(prompts[:n]) * len(triples)
+        with torch.no_grad():
+            expert = run.reward(run.model.decode(latents), prompts3).float().view(len(triples), n).T
+        for p in self.lrm_params:
+            p.requires_grad_(True)
+        logits = self.lrm_scores(latents, prompts3).view(len(triples), n).T
+        target = torch.softmax(expert / self.cfg.lrm_temperature, dim=1)
+        loss = torch.nn.functional.kl_div(torch.log_softmax(logits, dim=1), target, reduction="batchmean")
+        self.lrm_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.lrm_opt.step()
+        agree = (logits.argmax(1) == expert.argmax(1)).float().mean().item()
+        return loss.item(), agree, expert[:, 0].cpu()
+
     def state_dict(self) -> dict:
-        return {"target": self.target.state_dict()}
+        state = {"target": self.target.state_dict()}
+        if self.lrm is not None:
+            state["lrm"] = [p.detach().cpu().clone() for p in self.lrm_params]
+            state["lrm_opt"] = self.lrm_opt.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.target.load_state_dict(state["target"])
+        if self.lrm is not None:
+            with torch.no_grad():
+                for p, saved in zip(self.lrm_params, state["lrm"]):
+                    p.copy_(saved)
+            self.lrm_opt.load_state_dict(state["lrm_opt"])
 
     def epoch(self, run, epoch: int, shared: torch.Generator, local: torch.Generator) -> dict:
         cfg, model = self.cfg, run.model
@@ -97,7 +174,7 @@ class RGLCD:
         # the rollout's conditioning carries both CFG halves: the student reads it at guidance 1 (cond half only)
         x0_all, prompts_all, cond = traj.x0.float(), list(traj.prompts), traj.cond
         t_rollout = time.perf_counter() - t0
-        stats: dict[str, list[float]] = {"lcd": [], "reward": [], "grad_norm": []}
+        stats: dict[str, list[float]] = {"lcd": [], "reward": [], "grad_norm": [], "lrm_loss": [], "lrm_agree": []}
         rewards = []
         per = max(1, cfg.train_batch_size)
         order = torch.randperm(len(x0_all), generator=local)
@@ -120,19 +197,32 @@ class RGLCD:
                     pred = x0_from_velocity(x_hi, model.velocity(x_hi, hi, c, 1.0).float(), hi)
                 lcd = pseudo_huber(pred, target, cfg.huber_c)
                 loss = lcd
-                if cfg.reward_scale > 0:
-                    r = run.reward(model.decode(pred), [prompts_all[i] for i in mb.tolist()]).float()
+                mb_prompts = [prompts_all[i] for i in mb.tolist()]
+                if cfg.reward_scale > 0 and self.lrm is None:
+                    r = run.reward(model.decode(pred), mb_prompts).float()
                     loss = loss - cfg.reward_scale * r.mean()
                     rewards.append(r.detach().cpu())
                     stats["reward"].append(r.mean().item())
+                elif cfg.reward_scale > 0:  # the LRM is a constant here; only z0 gets its gradient
+                    for p in self.lrm_params:
+                        p.requires_grad_(False)
+                    loss = loss - cfg.reward_scale * self.lrm_scores(pred, mb_prompts).mean()
                 run.backward(loss / cfg.train_timesteps)
                 stats["lcd"].append(lcd.item())
+                if self.lrm is not None:
+                    lrm_loss, agree, r = self.lrm_step(run, [pred, target, x0], mb_prompts)
+                    rewards.append(r)
+                    stats["reward"].append(r.mean().item())
+                    stats["lrm_loss"].append(lrm_loss)
+                    stats["lrm_agree"].append(agree)
             stats["grad_norm"].append(run.optimizer_step())
             self.target.update(cfg.target_ema)
         all_rewards = torch.cat(rewards) if rewards else torch.zeros(len(x0_all))
         return epoch_metrics(all_rewards, t_rollout, time.perf_counter() - t0 - t_rollout,
                              lcd_loss=mean(stats["lcd"]), onestep_reward=mean(stats["reward"]),
-                             grad_norm=mean(stats["grad_norm"]))
+                             grad_norm=mean(stats["grad_norm"]),
+                             **({"lrm_loss": mean(stats["lrm_loss"]), "lrm_agree": mean(stats["lrm_agree"])}
+                                if self.lrm is not None else {}))
 
     def export(self, run, folder: Path) -> None:
         run.export_student(folder)
