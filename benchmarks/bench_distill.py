@@ -47,16 +47,24 @@ def toy2d(args) -> dict:
     n, reward = args.n, LinearReward()
     teacher = fa.load_model("toy2d")
     ref, ref2 = _points(teacher, n, 1, 50), _points(teacher, n, 2, 50)
+    path = RESULTS / "distill_toy2d.json"
     out = {"n": n, "epochs": args.epochs, "noise_floor": energy_distance(ref2, ref),
-           "teacher_reward": reward(ref, [CLASS] * n).mean().item(), "runs": {}}
+           "teacher_reward": reward(ref, [CLASS] * n).mean().item(),
+           "runs": json.loads(path.read_text())["runs"] if args.merge and path.exists() else {}}
     base = {"model": "toy2d", "reward": "toy2d-linear", "prompts": f"toy2d:{CLASS}", "eval_prompts": None,
             "epochs": args.epochs, "groups_per_epoch": 1, "group_size": 256, "lr": 1e-3, "finetune": "full",
             "save_every": 0, "log_with": "none", "progress": False, "threads": args.threads}
     lcd = {"task": "rg-lcd", "student_steps": 1, "num_steps": 20, "solver_steps": 20, "rollout_batch_size": 256,
            "train_batch_size": 32, "train_timesteps": 1, "epochs": args.epochs // 5}  # 8 updates an epoch
+    flash = {"task": "flash-dmd", "student_steps": 4, "disc": "critic", "gan_real": "teacher", "real_pool": 1024}
     runs = {"dmd-1step": {"task": "dmd", "student_steps": 1}, "dmd-4step": {"task": "dmd", "student_steps": 4},
+            "flash-dmd-4step": {**flash, "ttur": 2, "critic_ema": 1.0},
+            "flash-dmd-4step-critic-pull": {**flash, "ttur": 2, "critic_ema": 0.99},
+            "flash-dmd-4step-rl": {**flash, "ttur": 2, "critic_ema": 1.0, "rl_every": 5},
             "re-dmd-1step": {"task": "re-dmd", "student_steps": 1, "reward_beta": 1.0},
             "lcd-1step": {**lcd, "reward_scale": 0.0}, "rg-lcd-1step": {**lcd, "reward_scale": 0.3}}
+    if args.runs:
+        runs = {k: v for k, v in runs.items() if k in args.runs.split(",")}
     samples = {"teacher (50 steps)": ref}
     for name, kw in runs.items():
         folder = Path(args.out) / name
@@ -68,14 +76,16 @@ def toy2d(args) -> dict:
         k = kw["student_steps"]
         xs, xt = _points(student, n, 3), _points(teacher, n, 4, k)
         x_init = _points(teacher, n, 5, k, sampler=student.default_sampler, eta=student.default_eta)
-        out["runs"][name] = {"steps": k, "train_seconds": seconds, "student_vs_teacher": energy_distance(xs, ref),
+        out["runs"][name] = {"steps": k, "epochs": kw.get("epochs", args.epochs), "train_seconds": seconds,
+                             "student_vs_teacher": energy_distance(xs, ref),
                              f"teacher_{k}step_vs_teacher": energy_distance(xt, ref),
                              "student_at_init_vs_teacher": energy_distance(x_init, ref),
                              "student_reward": reward(xs, [CLASS] * n).mean().item()}
         print(name, json.dumps(out["runs"][name]), flush=True)
-        if k == 1:
+        if k == 1 or args.runs:
             samples[f"{name} student"] = xs
-    samples["teacher at 1 step"] = _points(teacher, n, 4, 1)
+    if not args.runs:
+        samples["teacher at 1 step"] = _points(teacher, n, 4, 1)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +95,7 @@ def toy2d(args) -> dict:
     for ax, (label, pts) in zip(axes, samples.items()):
         plot(pts[:2000], ax=ax, title=label)
     fig.tight_layout()
-    fig.savefig(RESULTS / "distill_toy2d.png", dpi=90)
+    fig.savefig(RESULTS / ("distill_toy2d_more.png" if args.runs else "distill_toy2d.png"), dpi=90)
     return out
 
 
@@ -175,9 +185,11 @@ def shapes(args) -> dict:
 
 def _trainer(task: str):
     from flowalign.trainers.dmd import DMDConfig, train_dmd
+    from flowalign.trainers.flash_dmd import FlashDMDConfig, train_flash_dmd
     from flowalign.trainers.rg_lcd import RGLCDConfig, train_rg_lcd
 
-    return (RGLCDConfig, train_rg_lcd) if task == "rg-lcd" else (DMDConfig, train_dmd)
+    return {"rg-lcd": (RGLCDConfig, train_rg_lcd), "flash-dmd": (FlashDMDConfig, train_flash_dmd)}.get(
+        task, (DMDConfig, train_dmd))
 
 
 def _plot_shapes(out: dict) -> None:
@@ -217,8 +229,9 @@ def main() -> None:
                    help="shapes: students to train (configs/<task>/shapes.yaml)")
     p.add_argument("--set", nargs="*", default=[], help="shapes: config overrides for the students, e.g. "
                                                              "student_steps=2 (the run is labelled with them)")
-    p.add_argument("--merge", action="store_true", help="shapes: add to results/distill_shapes.json (its teacher "
-                                                         "rows are reused)")
+    p.add_argument("--runs", default=None, help="toy2d: comma-separated run names to train (default: all)")
+    p.add_argument("--merge", action="store_true", help="add to results/distill_<world>.json (shapes: its teacher "
+                                                         "rows are reused; toy2d: other runs are kept)")
     p.add_argument("--out", default=None, help="run folders (default runs/bench-distill-<world>)")
     args = p.parse_args()
     args.out = args.out or str(ROOT / "runs" / f"bench-distill-{args.world}")

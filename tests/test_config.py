@@ -159,3 +159,23 @@ def test_field_requires_help_and_copies_mutable_defaults():
     a, b = RunConfig(), RunConfig()
     a.optim.betas.append(0.5)
     assert b.optim.betas == [0.9, 0.999]
+
+
+def test_every_shipped_training_config_is_valid():
+    """Every YAML under configs/ with a ``task:`` loads into its schema (no unknown or ill-typed keys)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from flowalign.trainers import TASKS
+
+    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*/*.yaml"))
+    checked = []
+    for path in configs:
+        task = OmegaConf.load(path).get("task")
+        if task is None:  # accelerate configs
+            continue
+        assert task in TASKS, f"{path}: unknown task {task!r}"
+        load_config(TASKS[task][0], str(path))
+        checked.append(path.parent.name)
+    assert {"grpo", "crd", "dmd", "flash-dmd", "rg-lcd"} <= set(checked)

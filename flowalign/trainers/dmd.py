@@ -332,16 +332,23 @@ class DMD:
                        "train/weight_max": weights.max().item()}
         loss = dm_loss(x, grad, weights)
         record |= {"train/dm_loss": loss.item(), "train/dm_grad": grad.abs().mean().item()}
+        record |= self.student_update(run, loss, x, cond, local)
+        return record | {"time/student_s": time.perf_counter() - t0}
+
+    def student_update(self, run, loss: torch.Tensor, fake: torch.Tensor, cond, gen: torch.Generator) -> dict:
+        """The student's optimizer step on ``loss`` plus, with a discriminator, the adversarial loss of ``fake``
+        (student x0 predictions with gradient), then one discriminator update on them."""
+        record = {}
         if self.disc is not None:
-            gan = self.generator_gan_loss(run, x, cond, local)
-            loss = loss + cfg.gan_weight * gan
+            gan = self.generator_gan_loss(run, fake, cond, gen)
+            loss = loss + self.cfg.gan_weight * gan
             record["train/gan_g_loss"] = gan.item()
         run.backward(loss)
         record["train/grad_norm"] = run.optimizer_step()
         if self.disc is not None:
-            d_loss, d_acc = self.discriminator_step(run, x_ng, cond, local)
+            d_loss, d_acc = self.discriminator_step(run, fake.detach(), cond, gen)
             record |= {"train/gan_d_loss": d_loss, "train/disc_acc": d_acc}
-        return record | {"time/student_s": time.perf_counter() - t0}
+        return record
 
     def export(self, run, folder: Path) -> None:
         run.export_student(folder)

@@ -117,18 +117,8 @@ class FlashDMD(DMD):
         x = self.predict_x0(run, xk, sigma_k, cond)
         loss = dm_loss(x, grad)
         record |= {"train/dm_loss": loss.item(), "train/dm_grad": grad.abs().mean().item()}
-        fake = x
-        if self.disc is not None:
-            if low_state is not None:
-                fake = self.predict_x0(run, *low_state, cond)
-            gan = self.generator_gan_loss(run, fake, cond, local)
-            loss = loss + cfg.gan_weight * gan
-            record["train/gan_g_loss"] = gan.item()
-        run.backward(loss)
-        record["train/grad_norm"] = run.optimizer_step()
-        if self.disc is not None:
-            d_loss, d_acc = self.discriminator_step(run, fake.detach(), cond, local)
-            record |= {"train/gan_d_loss": d_loss, "train/disc_acc": d_acc}
+        fake = x if low_state is None else self.predict_x0(run, *low_state, cond)
+        record |= self.student_update(run, loss, fake, cond, local)
         self.critic_toward_student()
         record["time/student_s"] = time.perf_counter() - t0
         if cfg.rl_every and (epoch + 1) % cfg.rl_every == 0:
