@@ -4,6 +4,8 @@
 - :mod:`flowalign.trainers.crd` (``task: crd``): Centered Reward Distillation.
 - :mod:`flowalign.trainers.dmd` (``task: dmd`` / ``re-dmd``): distribution matching distillation into a
   few-step student, optionally reward-weighted (Re-DMD).
+- :mod:`flowalign.trainers.flash_dmd` (``task: flash-dmd``): DMD on the high-noise steps, a GAN on the low-noise
+  ones, a critic that tracks the student, and joint step-level DPO.
 - :mod:`flowalign.trainers.rg_lcd` (``task: rg-lcd``): reward-guided latent consistency distillation.
 - :mod:`flowalign.trainers.reward_model` (``task: reward-model``): distil a pixel reward into a noise-aware
   latent reward model (:class:`~flowalign.rewards.latent.LatentRewardNet` or
@@ -15,6 +17,7 @@ Generator trainers share :mod:`flowalign.trainers.loop`. Recipe modules import h
 
 from flowalign.trainers.crd import CRDConfig, train_crd
 from flowalign.trainers.dmd import DMDConfig, train_dmd
+from flowalign.trainers.flash_dmd import FlashDMDConfig, train_flash_dmd
 from flowalign.trainers.grpo import GRPOConfig, train_grpo
 from flowalign.trainers.reward_model import RewardModelConfig, train_reward_model
 from flowalign.trainers.rg_lcd import RGLCDConfig, train_rg_lcd
@@ -23,11 +26,12 @@ from flowalign.trainers.rg_lcd import RGLCDConfig, train_rg_lcd
 TASKS = {
     "crd": (CRDConfig, "flowalign.trainers.crd:main"),
     "dmd": (DMDConfig, "flowalign.trainers.dmd:main"),
+    "flash-dmd": (FlashDMDConfig, "flowalign.trainers.flash_dmd:main"),
     "re-dmd": (DMDConfig, "flowalign.trainers.dmd:main"),
     "grpo": (GRPOConfig, "flowalign.trainers.grpo:main"),
     "reward-model": (RewardModelConfig, "flowalign.trainers.reward_model:main"),
     "rg-lcd": (RGLCDConfig, "flowalign.trainers.rg_lcd:main"),
 }
 
-__all__ = ["TASKS", "CRDConfig", "DMDConfig", "GRPOConfig", "RGLCDConfig", "RewardModelConfig", "train_crd",
-           "train_dmd", "train_grpo", "train_reward_model", "train_rg_lcd"]
+__all__ = ["TASKS", "CRDConfig", "DMDConfig", "FlashDMDConfig", "GRPOConfig", "RGLCDConfig", "RewardModelConfig", "train_crd",
+           "train_dmd", "train_flash_dmd", "train_grpo", "train_reward_model", "train_rg_lcd"]
