@@ -1,4 +1,4 @@
-"""The ``flowalign`` command: ``flowalign sample | demo | models``."""
+"""The ``flowalign`` command: ``flowalign sample | demo | train | eval | zoo | label | models``."""
 
 from __future__ import annotations
 
@@ -100,6 +100,39 @@ def _zoo_parser(sub) -> None:
     pth.set_defaults(func=cmd_zoo_path)
 
 
+def _label_parser(sub) -> None:
+    lb = sub.add_parser(
+        "label", help="Human preference labels for D3PO: prepare image sets, then label them in a local web page.",
+        description="`flowalign label FOLDER --prepare ...` samples N images per prompt from one shared initial noise "
+                    "and saves them with their trajectories; `flowalign label FOLDER` serves a page on 127.0.0.1 that "
+                    "shows each prompt's images and appends your choices to FOLDER/labels.jsonl (restart it to "
+                    "resume at the first unlabelled prompt). Train with `flowalign train configs/d3po/shapes.yaml "
+                    "labels=FOLDER`. The folder and labels formats are documented in flowalign/labeling.py.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  flowalign label runs/pairs --prepare --model shapes-sd3 --prompts shapes-train "
+               "--num-prompts 40\n  flowalign label runs/pairs --port 8765\n"
+               "  flowalign train configs/d3po/shapes.yaml labels=runs/pairs")
+    lb.add_argument("folder", help="The labelling folder (made by --prepare).")
+    lb.add_argument("--port", type=int, default=8765, help="Port of the page on 127.0.0.1 (default 8765; 0: any free).")
+    lb.add_argument("--labels", help="Labels file (default FOLDER/labels.jsonl).")
+    lb.add_argument("--prepare", action="store_true", help="Sample the image sets into FOLDER instead of serving.")
+    lb.add_argument("--model", default="shapes-sd3", help="--prepare: the model you will train (default shapes-sd3).")
+    lb.add_argument("--prompts", default="shapes-train", help="--prepare: shapes-train, shapes-test, a .txt or .jsonl "
+                    "file (default shapes-train).")
+    lb.add_argument("--num-prompts", type=int, default=32, help="--prepare: the first this many prompts (default 32).")
+    lb.add_argument("--n", type=int, default=2, help="--prepare: images per prompt (default 2).")
+    lb.add_argument("--steps", type=int, default=10, help="--prepare: sampling steps (default 10).")
+    lb.add_argument("--sampler", default="flow-sde", help="--prepare: flow-sde, dance-sde or cps (default flow-sde).")
+    lb.add_argument("--eta", type=float, help="--prepare: SDE noise level (default: the sampler's own).")
+    lb.add_argument("--cfg", type=float, dest="guidance_scale", help="--prepare: guidance scale (default: the "
+                    "model's own).")
+    lb.add_argument("--height", type=int, help="--prepare: height in pixels (default: the model's native size).")
+    lb.add_argument("--width", type=int, help="--prepare: width in pixels (default: the model's native size).")
+    lb.add_argument("--seed", type=int, default=0, help="--prepare: seed (default 0).")
+    lb.add_argument("--device", help="--prepare: cuda, cpu ... (default: cuda if available).")
+    lb.set_defaults(func=cmd_label)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flowalign import __version__
 
@@ -122,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _eval_parser(sub)
     _zoo_parser(sub)
+    _label_parser(sub)
     m = sub.add_parser("models", help="List the bundled models and supported families.",
                        description="List bundled model names and the diffusers pipelines flowalign wraps.")
     m.set_defaults(func=cmd_models)
@@ -315,6 +349,26 @@ def cmd_zoo_path(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    from flowalign import labeling
+
+    if args.prepare:
+        folder = labeling.prepare(args.folder, model=args.model, prompts=args.prompts, num_prompts=args.num_prompts,
+                                  n=args.n, num_steps=args.steps, sampler=args.sampler, eta=args.eta,
+                                  guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                                  seed=args.seed, device=_device(args.device))
+        print(f"prepared {folder}; label it with `flowalign label {folder}`")
+        return 0
+    try:
+        labeling.serve(args.folder, port=args.port, labels=args.labels)
+    except OSError as e:
+        if e.errno in (98, 48, 10048):  # address in use (Linux, macOS, Windows)
+            raise ValueError(f"port {args.port} on 127.0.0.1 is in use; pick another with --port N (0: any free).") \
+                from None
+        raise
+    return 0
+
+
 def cmd_models(args) -> int:
     from flowalign.models import FAMILIES, bundled_names
 
@@ -331,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, ImportError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, ImportError) as e:
         print(f"flowalign {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,7 +1,11 @@
 """Trainers: recipes run by ``flowalign train CONFIG key=value ...``, one file per recipe.
 
 - :mod:`flowalign.trainers.grpo` (``task: grpo``): Flow-GRPO.
+- :mod:`flowalign.trainers.euphonium` (``task: euphonium``): Flow-GRPO with process-reward-guided rollouts, dual
+  (outcome + process) advantages and guidance distillation.
 - :mod:`flowalign.trainers.crd` (``task: crd``): Centered Reward Distillation.
+- :mod:`flowalign.trainers.d3po` (``task: d3po``): per-step DPO on same-noise trajectory pairs, preferences from
+  rewards (Pareto dominance) or from human labels (``flowalign label``).
 - :mod:`flowalign.trainers.dmd` (``task: dmd`` / ``re-dmd``): distribution matching distillation into a
   few-step student, optionally reward-weighted (Re-DMD).
 - :mod:`flowalign.trainers.flash_dmd` (``task: flash-dmd``): DMD on the high-noise steps, a GAN on the low-noise
@@ -16,7 +20,9 @@ Generator trainers share :mod:`flowalign.trainers.loop`. Recipe modules import h
 """
 
 from flowalign.trainers.crd import CRDConfig, train_crd
+from flowalign.trainers.d3po import D3POConfig, train_d3po
 from flowalign.trainers.dmd import DMDConfig, train_dmd
+from flowalign.trainers.euphonium import EuphoniumConfig, train_euphonium
 from flowalign.trainers.flash_dmd import FlashDMDConfig, train_flash_dmd
 from flowalign.trainers.grpo import GRPOConfig, train_grpo
 from flowalign.trainers.reward_model import RewardModelConfig, train_reward_model
@@ -25,7 +31,9 @@ from flowalign.trainers.rg_lcd import RGLCDConfig, train_rg_lcd
 #: ``task:`` key of a training YAML -> (config schema, "module:function" taking (config_path, overrides))
 TASKS = {
     "crd": (CRDConfig, "flowalign.trainers.crd:main"),
+    "d3po": (D3POConfig, "flowalign.trainers.d3po:main"),
     "dmd": (DMDConfig, "flowalign.trainers.dmd:main"),
+    "euphonium": (EuphoniumConfig, "flowalign.trainers.euphonium:main"),
     "flash-dmd": (FlashDMDConfig, "flowalign.trainers.flash_dmd:main"),
     "re-dmd": (DMDConfig, "flowalign.trainers.dmd:main"),
     "grpo": (GRPOConfig, "flowalign.trainers.grpo:main"),
@@ -33,5 +41,6 @@ TASKS = {
     "rg-lcd": (RGLCDConfig, "flowalign.trainers.rg_lcd:main"),
 }
 
-__all__ = ["TASKS", "CRDConfig", "DMDConfig", "FlashDMDConfig", "GRPOConfig", "RGLCDConfig", "RewardModelConfig", "train_crd",
-           "train_dmd", "train_flash_dmd", "train_grpo", "train_reward_model", "train_rg_lcd"]
+__all__ = ["TASKS", "CRDConfig", "D3POConfig", "DMDConfig", "EuphoniumConfig", "FlashDMDConfig",
+           "GRPOConfig", "RGLCDConfig", "RewardModelConfig", "train_crd", "train_d3po", "train_dmd",
+           "train_euphonium", "train_flash_dmd", "train_grpo", "train_reward_model", "train_rg_lcd"]
