@@ -236,8 +236,8 @@ def test_rg_lcd_needs_a_differentiable_reward(tmp_path):
 
 
 def test_rg_lcd_latent_proxy_reward_learns_online_from_a_non_differentiable_expert(tmp_path):
-    from flowalign.trainers.rg_lcd import RGLCD, train_rg_lcd
     from flowalign.trainers.loop import run_task
+    from flowalign.trainers.rg_lcd import RGLCD, train_rg_lcd
 
     with pytest.raises(ConfigError, match="image latents"):
         train_rg_lcd(_lcd_cfg(tmp_path, reward_via="lrm", out=str(tmp_path / "toy")))
