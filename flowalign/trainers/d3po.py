@@ -121,12 +121,6 @@ class D3PO:
             print(f"d3po: {len(data.winners)} preferred pairs from {len(data.prompt_indices)} labelled prompts in "
                   f"{data.labels_path}.")
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
     # ------------------------------------------------------------------ pieces
     @torch.no_grad()
     def reference_log_probs(self, run, traj, steps: list[int]) -> torch.Tensor:

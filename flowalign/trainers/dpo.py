@@ -212,12 +212,6 @@ class DPO:
                                   f"processes ({n}).")
             self.pairs = load_pairs(self.cfg.pairs)
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
     def epoch(self, run, epoch: int, shared: torch.Generator, local: torch.Generator) -> dict:
         return self._offline(run, shared, local) if self.pairs is not None else self._online(run, shared, local)
 

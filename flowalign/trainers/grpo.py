@@ -71,15 +71,6 @@ class GRPO:
     def __init__(self, cfg: GRPOConfig):
         self.cfg = cfg
 
-    def setup(self, run) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
     def epoch(self, run, epoch: int, shared: torch.Generator, local: torch.Generator) -> dict:
         from flowalign.sampling.sampler import log_prob
 

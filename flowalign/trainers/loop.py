@@ -8,9 +8,10 @@ Biases), a progress bar, atomic checkpoints, ``resume=latest``, and the final Lo
 
 An algorithm (``flowalign.trainers.grpo``, ``flowalign.trainers.crd``) implements::
 
-    setup(run)                      # snapshots, reference settings
-    epoch(run, epoch, gen) -> dict  # rollouts and optimizer steps; returns scalar metrics
-    state_dict() / load_state_dict(d)
+    epoch(run, epoch, shared, local) -> dict  # rollouts and optimizer steps; returns scalar metrics
+    setup(run)                                # optional: snapshots, critics, reference settings
+    state_dict() / load_state_dict(d)         # optional: the algorithm's own state for checkpoints
+    export(run, folder)                       # optional: e.g. a distilled student saved as a pipeline
 
 Every random draw of an epoch comes from generators seeded by ``(seed, epoch)``, so a run resumed from a
 checkpoint continues exactly as the uninterrupted run would have.
@@ -183,7 +184,8 @@ class Run:
         self.step = 0
         self.last_grid = None  # the latest evaluation's sample grid (C, H, W)
         self.history: list[dict] = []
-        self.algorithm.setup(self)
+        if hasattr(self.algorithm, "setup"):  # the optional hooks: setup, state_dict/load_state_dict, export
+            self.algorithm.setup(self)
 
     # ------------------------------------------------------------------ helpers for algorithms
     @property
@@ -369,7 +371,7 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "history": self.history,
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "reference": self._reference.state_dict() if self._reference is not None else None,
-                "algorithm": self.algorithm.state_dict()}
+                "algorithm": self.algorithm.state_dict() if hasattr(self.algorithm, "state_dict") else {}}
 
     def load_state_dict(self, state: dict, where: Path) -> None:
         if state.get("config") != _resume_key(self.cfg):
@@ -387,7 +389,8 @@ class Run:
             self.ema.load_state_dict(state["ema"])
         if self._reference is not None and state.get("reference") is not None:
             self._reference.load_state_dict(state["reference"])
-        self.algorithm.load_state_dict(state["algorithm"])
+        if hasattr(self.algorithm, "load_state_dict"):
+            self.algorithm.load_state_dict(state["algorithm"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
 
     def save_checkpoint(self) -> Path | None:

@@ -56,15 +56,6 @@ class RWR:
     def __init__(self, cfg: RWRConfig):
         self.cfg = cfg
 
-    def setup(self, run) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
     def epoch(self, run, epoch: int, shared: torch.Generator, local: torch.Generator) -> dict:
         cfg, model = self.cfg, run.model
         prompts, groups = run.epoch_prompts(shared)
