@@ -86,17 +86,19 @@ def _train_parser(sub) -> None:
 def _zoo_parser(sub) -> None:
     z = sub.add_parser("zoo", help="The bundled worlds: rebuild them from fixed seeds, or show where they are.",
                        description="`flowalign zoo build` retrains the bundled shapes world (shapes-clip, then the "
-                                   "VAE and shapes-sd3) from fixed seeds; `flowalign zoo path NAME` prints a folder.")
+                                   "VAE and shapes-sd3) and the video world (shapes-wan) from fixed seeds; "
+                                   "`flowalign zoo path NAME` prints a folder.")
     zs = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
-    b = zs.add_parser("build", help="Rebuild bundled artefacts (about 40 minutes on 2 CPU cores).",
-                      description="Rebuild the bundled shapes world from fixed seeds, with progress bars.")
-    b.add_argument("--only", choices=["shapes-clip", "shapes-sd3", "toy2d"],
+    b = zs.add_parser("build", help="Rebuild bundled artefacts (about 56 minutes on 2 CPU cores, plus shapes-wan).",
+                      description="Rebuild the bundled worlds from fixed seeds, with progress bars. Without --only: "
+                                  "toy2d, shapes-clip and shapes-sd3; shapes-wan is built with --only shapes-wan.")
+    b.add_argument("--only", choices=["shapes-clip", "shapes-sd3", "shapes-wan", "toy2d"],
                    help="Build one artefact only (shapes-sd3 reuses the built shapes-clip).")
     b.add_argument("--out", help="Write into this folder instead of the package's zoo/weights.")
     b.set_defaults(func=cmd_zoo_build)
     pth = zs.add_parser("path", help="Print the folder of a bundled artefact.",
-                        description="Print the folder of a bundled artefact (shapes-sd3 or shapes-clip).")
-    pth.add_argument("name", help="shapes-sd3 or shapes-clip")
+                        description="Print the folder of a bundled artefact (shapes-sd3, shapes-clip or shapes-wan).")
+    pth.add_argument("name", help="shapes-sd3, shapes-clip or shapes-wan")
     pth.set_defaults(func=cmd_zoo_path)
 
 
@@ -335,9 +337,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_zoo_build(args) -> int:
+    kwargs = {"out_root": Path(args.out)} if args.out else {}
+    if args.only == "shapes-wan":
+        from flowalign.zoo.build_shapes_wan import build as build_wan
+
+        build_wan(**kwargs)
+        return 0
     from flowalign.zoo.build_shapes import build
 
-    kwargs = {"out_root": Path(args.out)} if args.out else {}
     build(only=args.only, **kwargs)
     return 0
 

@@ -39,7 +39,7 @@ def _bundled(name: str):
     if name in tiny.TINY:
         h, w, f = tiny.TINY_SIZES[name]
         return tiny.build(name), {"native_size": [h, w, f]}
-    if name == "shapes-sd3":
+    if name in zoo.PIPELINES:
         return zoo.load_pipeline(name), zoo.settings(name)
     return None, None
 
@@ -47,7 +47,7 @@ def _bundled(name: str):
 def bundled_names() -> list[str]:
     from flowalign.models import tiny
 
-    return [*tiny.TINY, "shapes-sd3", "toy2d"]
+    return [*tiny.TINY, "shapes-sd3", "shapes-wan", "toy2d"]
 
 
 def read_settings(directory: str) -> dict:

@@ -2,7 +2,8 @@
 
 Registered names (``available()``): ``clip``, ``pickscore``, ``hps``, ``aesthetic``, ``imagereward``,
 ``jpeg-compressibility``, ``jpeg-incompressibility``,
-``shapes-clip``, ``shapes-geneval``,
+``shapes-clip``, ``shapes-geneval``, ``shapes-video``,
+``frames``, ``motion``, ``temporal-consistency``, ``videoalign`` (video),
 ``latent`` (a trained noise-aware latent reward: ``path=RUN_DIR``). Heavy model code is imported when a reward is built.
 """
 
@@ -23,10 +24,13 @@ from flowalign.rewards.pickscore import PickScore
 from flowalign.rewards.preprocess import resize_and_normalize
 from flowalign.rewards.shapes import ShapesVerifier  # noqa: F401  (registers "shapes-geneval")
 from flowalign.rewards.shapes_clip import ShapesClip
+from flowalign.rewards.shapes_video import ShapesVideoVerifier  # noqa: F401  (registers "shapes-video")
+from flowalign.rewards.video import FrameReward, MotionReward, TemporalConsistency, VideoAlignReward, VideoReward
 
 __all__ = [
-    "AestheticMLP", "BackboneLatentReward", "CLIPScore", "ClipBackbone", "HPSv2", "ImageReward",
+    "AestheticMLP", "BackboneLatentReward", "CLIPScore", "ClipBackbone", "FrameReward", "HPSv2", "ImageReward",
     "JpegCompressibility", "JpegIncompressibility", "LaionAesthetic", "LatentReward", "LatentRewardNet",
-    "MultiReward", "PickScore", "Reward", "ShapesClip", "TrainableLatentReward", "available", "check_scores",
+    "MotionReward", "MultiReward", "PickScore", "Reward", "ShapesClip", "ShapesVideoVerifier", "TemporalConsistency",
+    "TrainableLatentReward", "VideoAlignReward", "VideoReward", "available", "check_scores",
     "jpeg_size_kb", "load", "load_latent_reward", "register", "resize_and_normalize",
 ]

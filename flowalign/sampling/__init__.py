@@ -12,3 +12,4 @@ from flowalign.sampling.sampler import (  # noqa: F401
     sde_mask,
 )
 from flowalign.sampling.search import SearchResult, best_of_n, prune_search  # noqa: E402, F401
+from flowalign.sampling.streaming import StreamResult, stream  # noqa: F401

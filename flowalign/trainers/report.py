@@ -1,4 +1,5 @@
-"""A run's report: ``report.md`` with reward curves (PNG) and the before/after sample grids."""
+"""A run's report: ``report.md`` with reward curves (PNG) and the before/after sample grids (PNG images or
+animated GIF videos)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,16 @@ def summary_of(history: list[dict]) -> dict:
             "after": {"epoch": evals[-1]["epoch"], **pick(evals[-1])}}
 
 
+def sample_grids(folder: Path) -> list[Path]:
+    """One grid per evaluation, in epoch order: ``epoch-XXXX.gif`` (video runs, animated) or ``epoch-XXXX.png``
+    (image runs); an animation wins if an epoch has both."""
+    by_epoch: dict[str, Path] = {}
+    for ext in (".png", ".gif"):  # later wins
+        for path in folder.glob(f"epoch-*{ext}"):
+            by_epoch[path.stem] = path
+    return [by_epoch[k] for k in sorted(by_epoch)]
+
+
 def write_report(out: str | Path, history: list[dict], cfg) -> dict:
     out = Path(out)
     summary = summary_of(history)
@@ -57,7 +68,7 @@ def write_report(out: str | Path, history: list[dict], cfg) -> dict:
         lines += [f"| {k[5:]} | {summary['before'].get(k, float('nan')):.3f} | {summary['after'][k]:.3f} |"
                   for k in keys]
         lines.append("")
-        grids = sorted((out / "samples").glob("epoch-*.png"))
+        grids = sample_grids(out / "samples")
         if len(grids) >= 2:
             lines += ["| before | after |", "|---|---|",
                       f"| ![before](samples/{grids[0].name}) | ![after](samples/{grids[-1].name}) |", ""]

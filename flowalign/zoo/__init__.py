@@ -4,8 +4,11 @@
   (a diffusers ``StableDiffusion3Pipeline`` folder, no T5: load with ``text_encoder_3=None, tokenizer_3=None``).
 - ``shapes-clip``: the tiny transformers ``CLIPModel`` whose text tower is shapes-sd3's text encoder; also the
   differentiable ``shapes-clip`` reward.
+- ``shapes-wan``: a tiny text-to-video model of the Wan 2.1 architecture over clips of moving shapes (a diffusers
+  ``WanPipeline`` folder), scored by the ``shapes-video`` verifier.
 
-``flowalign zoo build`` reproduces them from fixed seeds (:mod:`flowalign.zoo.build_shapes`).
+``flowalign zoo build`` reproduces them from fixed seeds (:mod:`flowalign.zoo.build_shapes`,
+:mod:`flowalign.zoo.build_shapes_wan`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import json
 from pathlib import Path
 
 WEIGHTS = Path(__file__).parent / "weights"
-NAMES = ("shapes-sd3", "shapes-clip")
+NAMES = ("shapes-sd3", "shapes-clip", "shapes-wan")
+PIPELINES = ("shapes-sd3", "shapes-wan")
 
 
 def path(name: str) -> str:
@@ -36,8 +40,12 @@ def settings(name: str) -> dict:
 
 def load_pipeline(name: str):
     """Load a bundled pipeline with plain diffusers."""
-    if name != "shapes-sd3":
+    if name not in PIPELINES:
         raise ValueError(f"{name!r} is not a pipeline; load it with flowalign.rewards.load({name!r}).")
+    if name == "shapes-wan":
+        from diffusers import WanPipeline
+
+        return WanPipeline.from_pretrained(path(name))
     from diffusers import StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline.from_pretrained(path(name), text_encoder_3=None, tokenizer_3=None)

@@ -1,0 +1,278 @@
+"""Build the bundled text-to-video world ``shapes-wan`` from fixed seeds: ``flowalign zoo build --only shapes-wan``.
+
+A tiny Wan 2.1 pipeline (a diffusers ``WanPipeline`` folder) trained on clips of moving shapes
+(:mod:`flowalign.zoo.shapes_video`), in two stages:
+
+1. a tiny causal ``AutoencoderKLWan`` (32x32 px -> 8x8 latents, 2x in time: 9 frames -> 5 latent frames), trained
+   on 5-frame clips (the first frame alone, then one 4-frame chunk: the two paths every longer clip uses) by MSE and
+   a small KL; per-channel ``latents_mean`` / ``latents_std`` from the training clips, as the pipeline reads them;
+2. a tiny ``WanTransformer3DModel`` (patch (1, 2, 2): 5 x 4 x 4 = 80 tokens) trained by rectified-flow matching with
+   logit-normal timesteps, 10% caption dropout (the empty prompt, the pipeline's default negative prompt) and an
+   EMA, conditioned by a frozen, randomly initialised tiny UMT5 encoder whose word-level tokenizer is made in code
+   from the caption grammar's vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from flowalign.zoo import WEIGHTS
+from flowalign.zoo.build_shapes import _cosine_lr, _ema, _replace
+
+TEXT_LEN = 16  # UMT5 tokens: the longest caption is 13 words plus EOS
+
+
+@dataclass
+class WanBuildConfig:
+    seed: int = 0
+    size: int = 32
+    frames: int = 9
+    n_train_clips: int = 12000
+    vae_frames: int = 5
+    vae_steps: int = 800
+    vae_batch: int = 8
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6
+    wan_steps: int = 6000
+    wan_batch: int = 16
+    wan_lr: float = 2e-3
+    wan_ema: float = 0.995
+    caption_dropout: float = 0.1
+    guidance_scale: float = 4.0
+    flow_shift: float = 1.0
+    eval_every: int = 1500  # verifier accuracy of the EMA on held-out prompts during training (0: off)
+    eval_per_category: int = 8
+    recon_n: int = 120  # held-out clips for the VAE's round-trip verifier accuracy
+    threads: int = 2
+
+
+def tokenizer():
+    from flowalign.models.tiny import t5_tokenizer
+    from flowalign.zoo.shapes_video import VIDEO_WORDS
+
+    return t5_tokenizer(words=VIDEO_WORDS, model_max_length=TEXT_LEN)
+
+
+def text_encoder(seed: int):
+    """A tiny UMT5 encoder over the caption vocabulary, randomly initialised from ``seed`` and kept frozen."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = UMT5Config(vocab_size=len(tokenizer()), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return UMT5EncoderModel(cfg).eval().requires_grad_(False)
+
+
+def shapes_wan_vae(seed: int):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=16, z_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[],
+                            temperal_downsample=[False, True], scale_factor_spatial=4, scale_factor_temporal=2)
+
+
+def shapes_wan_transformer(seed: int):
+    """4 blocks of width 128 (4 heads of 32: RoPE splits each head 12 / 10 / 10 over time / height / width)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=8,
+                                 out_channels=8, text_dim=64, freq_dim=64, ffn_dim=512, num_layers=4,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def settings(cfg: WanBuildConfig) -> dict:
+    return {"native_size": [cfg.size, cfg.size, cfg.frames], "guidance_scale": cfg.guidance_scale,
+            "max_sequence_length": TEXT_LEN}
+
+
+# ----------------------------------------------------------------------------- stage 1: VAE
+def train_vae(cfg: WanBuildConfig, clips: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+    """``clips``: (N, F, 3, H, W) in [0, 1]. Trains on random ``vae_frames``-long windows."""
+    vae = shapes_wan_vae(cfg.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.vae_steps))
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    bar = tqdm(range(cfg.vae_steps), desc="shapes-wan vae", leave=False)
+    for _ in bar:
+        x = _windows(clips, cfg.vae_batch, cfg.vae_frames, g)
+        post = vae.encode(x).latent_dist
+        # decode the posterior mean: with the encoder's initial log-variance (about 0), sampled latents carry unit
+        # noise that drowns the small initial means and the autoencoder collapses to the clip mean; the KL term
+        # still keeps the means near the prior's scale
+        rec = vae.decode(post.mode()).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + cfg.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+    vae.eval().requires_grad_(False)
+    z = encode_clips(vae, clips[:1024])
+    mean = z.mean(dim=(0, 2, 3, 4))
+    std = z.std(dim=(0, 2, 3, 4))
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    return vae, {"final_mse": mse.item()}
+
+
+def _windows(clips: torch.Tensor, batch: int, frames: int, g: torch.Generator) -> torch.Tensor:
+    """``batch`` random ``frames``-long windows of random clips, as the VAE's (B, 3, F, H, W) in [-1, 1]."""
+    idx = torch.randint(len(clips), (batch,), generator=g)
+    start = torch.randint(clips.shape[1] - frames + 1, (batch,), generator=g)
+    x = torch.stack([clips[i, s:s + frames] for i, s in zip(idx.tolist(), start.tolist())])
+    return to_vae(x)
+
+
+@torch.no_grad()
+def encode_clips(vae, clips: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Raw (unnormalised) posterior modes of (N, F, 3, H, W) clips: (N, z, f, h, w)."""
+    return torch.cat([vae.encode(to_vae(clips[i:i + batch])).latent_dist.mode() for i in range(0, len(clips), batch)])
+
+
+def to_vae(clips: torch.Tensor) -> torch.Tensor:
+    """(N, F, 3, H, W) in [0, 1] -> the VAE's contiguous (N, 3, F, H, W) in [-1, 1] (a permuted, non-contiguous
+    input sends the 3-D convolutions down a path several times slower on CPU)."""
+    return (clips * 2 - 1).permute(0, 2, 1, 3, 4).contiguous()
+
+
+@torch.no_grad()
+def reconstruction_accuracy(vae, cfg: WanBuildConfig, seed: int = 7) -> float:
+    """Verifier accuracy on held-out clips after an encode/decode round trip: the ceiling the VAE sets."""
+    from flowalign.rewards.shapes_video import ShapesVideoVerifier
+    from flowalign.zoo import shapes_video
+
+    n = cfg.recon_n
+    clips, captions, _ = shapes_video.dataset(n, "test", seed=seed, size=cfg.size, frames=cfg.frames)
+    rec = torch.cat([vae.decode(vae.encode(to_vae(clips[i:i + 32])).latent_dist.mode()).sample
+                     for i in range(0, n, 32)])
+    rec = (rec / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+    return ShapesVideoVerifier()(rec, captions).mean().item()
+
+
+# ----------------------------------------------------------------------------- stage 2: transformer
+def make_pipeline(cfg: WanBuildConfig, vae, transformer):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(tokenizer=tokenizer(), text_encoder=text_encoder(cfg.seed + 3), vae=vae,
+                       transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift))
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str]):
+    """Every distinct caption's UMT5 embeddings (plus the empty prompt, for CFG), exactly as the pipeline encodes
+    them: ``(embeds, caption index, empty index)``."""
+    uniq = sorted(set(captions)) + [""]
+    embs = torch.cat([pipe.encode_prompt(uniq[i:i + 256], do_classifier_free_guidance=False,
+                                         max_sequence_length=TEXT_LEN, device="cpu")[0]
+                      for i in range(0, len(uniq), 256)])
+    index = {c: i for i, c in enumerate(uniq)}
+    return embs, torch.tensor([index[c] for c in captions]), index[""]
+
+
+def flow_matching_loss(transformer, lat, embs, cap_idx, empty: int, batch: int, caption_dropout: float,
+                       g: torch.Generator) -> torch.Tensor:
+    """One rectified-flow batch with logit-normal(0, 1) sigmas: the MSE of the velocity against ``eps - x0``."""
+    b = torch.randint(len(lat), (batch,), generator=g)
+    x0 = lat[b]
+    c = cap_idx[b].clone()
+    c[torch.rand(len(b), generator=g) < caption_dropout] = empty
+    eps = torch.randn(x0.shape, generator=g)
+    sigma = torch.sigmoid(torch.randn(len(b), generator=g))
+    s = sigma.view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * eps
+    v = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=embs[c], return_dict=False)[0]
+    return F.mse_loss(v, eps - x0)
+
+
+def train_wan(cfg: WanBuildConfig, clips: torch.Tensor, captions: list[str], vae, out: Path) -> dict:
+    transformer = shapes_wan_transformer(cfg.seed)
+    pipe = make_pipeline(cfg, vae, transformer)
+    z = encode_clips(vae, clips)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    lat = (z - mean) / std
+    embs, cap_idx, empty = encode_captions(pipe, captions)
+    ema = copy.deepcopy(transformer).requires_grad_(False)
+    transformer.train()
+    opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.wan_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.wan_steps, warmup=200))
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    bar = tqdm(range(cfg.wan_steps), desc="shapes-wan", leave=False)
+    losses, curve = [], []
+    for step in bar:
+        loss = flow_matching_loss(transformer, lat, embs, cap_idx, empty, cfg.wan_batch, cfg.caption_dropout, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        _ema(ema, transformer, min(cfg.wan_ema, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}",
+                        acc=curve[-1]["overall"] if curve else "-")
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.wan_steps):
+            curve.append({"step": step + 1, **verifier_accuracy(cfg, pipe, ema)})
+            tqdm.write(f"shapes-wan step {step + 1}: {json.dumps(curve[-1])}")
+    pipe.register_modules(transformer=ema.eval())
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "flowalign.json").write_text(json.dumps(settings(cfg), indent=2))
+    tail = losses[-50:]
+    return {"final_loss_avg50": sum(tail) / len(tail), "params_transformer": sum(p.numel() for p in ema.parameters()),
+            "verifier_curve": curve}
+
+
+def verifier_accuracy(cfg: WanBuildConfig, pipe, weights, per_category: int | None = None) -> dict:
+    """Held-out ``shapes-video`` accuracy of ``weights`` (a transformer) at 20 ODE steps."""
+    import flowalign as fa
+    from flowalign.evaluation import evaluate
+    from flowalign.rewards.shapes_video import ShapesVideoVerifier
+    from flowalign.zoo import shapes_video
+
+    training = pipe.transformer
+    pipe.transformer = weights
+    try:
+        model = fa.load_model(pipe).configure(settings(cfg))
+        specs = shapes_video.eval_prompts("test", per_category or cfg.eval_per_category, seed=cfg.seed)
+        res = evaluate(model, ShapesVideoVerifier(), [s.caption() for s in specs], [s.category for s in specs],
+                       num_steps=20, batch_size=32, progress=False)
+    finally:
+        pipe.transformer = training
+    return {k: round(v, 3) for k, v in res.items() if k != "n"}
+
+
+# ----------------------------------------------------------------------------- driver
+def build(cfg: WanBuildConfig | None = None, out_root: Path = WEIGHTS) -> dict:
+    from flowalign.zoo import shapes_video
+
+    cfg = cfg or WanBuildConfig()
+    torch.set_num_threads(cfg.threads)
+    report: dict = {"config": asdict(cfg)}
+    t0 = time.perf_counter()
+    clips, captions, _ = shapes_video.dataset(cfg.n_train_clips, "train", seed=cfg.seed, size=cfg.size,
+                                              frames=cfg.frames)
+    report["render_seconds"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    vae, report["vae"] = train_vae(cfg, clips)
+    report["vae"]["seconds"] = time.perf_counter() - t
+    report["vae"]["recon_verifier_test"] = reconstruction_accuracy(vae, cfg)
+    print("shapes-wan vae:", json.dumps(report["vae"]))
+    t = time.perf_counter()
+    tmp = out_root / "shapes-wan.tmp"
+    report["wan"] = train_wan(cfg, clips, captions, vae, tmp)
+    _replace(tmp, out_root / "shapes-wan")
+    report["wan"]["seconds"] = time.perf_counter() - t
+    print("shapes-wan:", json.dumps(report["wan"]))
+    report["total_seconds"] = time.perf_counter() - t0
+    (out_root / "build_report_shapes-wan.json").write_text(json.dumps(report, indent=2))
+    return report
