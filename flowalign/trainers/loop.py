@@ -45,11 +45,13 @@ class TrainConfig:
     task: str = field("grpo", "What `flowalign train` runs (grpo, crd, ...).")
     model: str = field("shapes-sd3", "Generator: bundled name, diffusers directory or hub id.")
     reward: str = field("shapes-geneval", "Training reward: registered name or 'package.module:Class'.")
-    prompts: str = field("shapes-train", "Training prompts: shapes-train / shapes-test, a .txt file (one per line) or "
-                                         "a .jsonl file ({\"prompt\": ...} per line).")
+    prompts: str = field("shapes-train", "Training prompts: shapes-train / shapes-test (images), shapes-video-train / "
+                                         "shapes-video-test (video), a .txt file (one per line) or a .jsonl file "
+                                         "({\"prompt\": ...} per line).")
     eval_prompts: str | None = field("shapes-test", "Held-out prompts for periodic evaluation (null: none).")
-    eval_rewards: list[str] = field([], "Rewards reported at evaluation (default: the training reward; on the "
-                                        "shapes world also the verifier and shapes-clip).")
+    eval_rewards: list[str] = field([], "Rewards reported at evaluation (default: the training reward; image "
+                                        "models on shapes captions also shapes-geneval and shapes-clip, video "
+                                        "models on moving-shapes captions also shapes-video).")
     eval_every: int = field(5, "Evaluate every this many epochs (0: only before and after training).")
     eval_num: int = field(48, "Held-out prompts per evaluation (balanced over categories on shapes).")
     eval_steps: int = field(20, "ODE steps at evaluation.")
@@ -154,7 +156,7 @@ class Run:
                               f"processes ({acc.num_processes}).")
         self.out = Path(cfg.out)
         self.prompts = load_prompts(cfg.prompts)
-        self.eval_prompts, self.eval_categories = self._eval_prompt_set()
+        self.eval_prompts, self.eval_categories, self.eval_world = self._eval_prompt_set()
         device = cfg.device if cfg.device and not cfg.device.startswith("cuda") else acc.device
         dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)  # fp32 is how weights load
         self.model = fa.load_model(model if model is not None else cfg.model, device=device, dtype=dtype)
@@ -182,7 +184,7 @@ class Run:
         self._reference = Snapshot(self.params) if cfg.finetune == "full" else None
         self.epoch = 0
         self.step = 0
-        self.last_grid = None  # the latest evaluation's sample grid (C, H, W)
+        self.last_grid = None  # the latest evaluation's sample grid (C, H, W); for video its first frame
         self.history: list[dict] = []
         if hasattr(self.algorithm, "setup"):  # the optional hooks: setup, state_dict/load_state_dict, export
             self.algorithm.setup(self)
@@ -303,29 +305,35 @@ class Run:
                 transformer.enable_adapters()
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_prompt_set(self) -> tuple[list[str], list[str] | None]:
+    def _eval_prompt_set(self) -> tuple[list[str], list[str] | None, str | None]:
+        """The held-out prompts, their categories and the embedded world they belong to (None: neither)."""
         from flowalign.evaluation import shapes_prompts
-        from flowalign.trainers.data import categories_of, load_prompts
+        from flowalign.trainers.data import load_prompts, world_of
 
         cfg = self.cfg
         if not cfg.eval_prompts:
-            return [], None
+            return [], None, None
         if cfg.eval_prompts in ("shapes-test", "shapes-train"):
             per = max(1, math.ceil(cfg.eval_num / 4))
             prompts, cats = shapes_prompts(cfg.eval_prompts.split("-")[1], per, seed=cfg.seed)
-            return prompts[:cfg.eval_num] if len(prompts) > cfg.eval_num else prompts, cats[:cfg.eval_num]
+            return (prompts[:cfg.eval_num] if len(prompts) > cfg.eval_num else prompts, cats[:cfg.eval_num],
+                    "shapes")
+        if cfg.eval_prompts in ("shapes-video-test", "shapes-video-train"):
+            from flowalign.zoo.shapes_video import VIDEO_CATEGORIES, eval_prompts
+
+            per = max(1, math.ceil(cfg.eval_num / len(VIDEO_CATEGORIES)))
+            specs = eval_prompts(cfg.eval_prompts.rsplit("-", 1)[1], per, seed=cfg.seed)[:cfg.eval_num]
+            return [s.caption() for s in specs], [s.category for s in specs], "shapes-video"
         prompts = load_prompts(cfg.eval_prompts, cfg.eval_num)
-        return prompts, categories_of(prompts)
+        world, cats = world_of(prompts)
+        return prompts, cats, world
 
     def eval_rewards(self) -> dict:
         if self._eval_rewards is None:
             import flowalign as fa
 
-            names = list(self.cfg.eval_rewards)
-            if not names:
-                names = [self.cfg.reward]
-                if self.eval_categories is not None:
-                    names += [n for n in ("shapes-geneval", "shapes-clip") if n not in names]
+            names = list(self.cfg.eval_rewards) or default_eval_rewards(self.cfg.reward, self.eval_world,
+                                                                        self.model.is_video)
             self._eval_rewards = {n: (self.reward if n == self.cfg.reward else fa.rewards.load(n).to(
                 self.model.device)) for n in names}
         return self._eval_rewards
@@ -333,9 +341,10 @@ class Run:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """ODE samples of the held-out prompts (fixed seed; EMA weights when on), scored by every eval reward.
-        Writes ``samples/epoch-XXXX.png``; returns ``{"eval/<reward>[/<category>]": value}``."""
+        Writes one grid of (the first 64) samples: ``samples/epoch-XXXX.png`` for images, the animated
+        ``samples/epoch-XXXX.gif`` for video (tiled frame by frame); returns ``{"eval/<reward>[/<category>]":
+        value}``."""
         import flowalign as fa
-        from flowalign.io import grid, save_image
 
         if not self.eval_prompts:
             return {}
@@ -357,12 +366,27 @@ class Run:
                 for c in sorted(set(self.eval_categories)):
                     m = torch.tensor([x == c for x in self.eval_categories])
                     out[f"eval/{name}/{c}"] = s[m].mean().item()
-        if images.ndim == 4 and images.shape[1] in (1, 3):
-            path = self.out / "samples" / f"epoch-{self.epoch:04d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.last_grid = grid(images[:64], nrow=8)
-            save_image(self.last_grid, path, scale=max(1, 128 // images.shape[-1]))
+        self._save_eval_grid(images)
         return out
+
+    def _save_eval_grid(self, images: torch.Tensor) -> None:
+        """``samples/epoch-XXXX.png`` (images) or ``.gif`` (videos, frames tiled in sync); toy2d points: nothing."""
+        from flowalign.io import grid, save_image, save_video, video_grid
+
+        video = images.ndim == 5 and images.shape[2] in (1, 3)
+        if not (video or (images.ndim == 4 and images.shape[1] in (1, 3))):
+            return
+        folder = self.out / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        if video:
+            videos = _thumbnails(images[:64], EVAL_GIF_SIDE)
+            frames = video_grid(videos, nrow=8)
+            self.last_grid = frames[0]
+            save_video(frames, folder / f"epoch-{self.epoch:04d}.gif", scale=max(1, 128 // videos.shape[-1]))
+        else:
+            self.last_grid = grid(images[:64], nrow=8)
+            save_image(self.last_grid, folder / f"epoch-{self.epoch:04d}.png",
+                       scale=max(1, 128 // images.shape[-1]))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -510,6 +534,36 @@ class Run:
         tracker.log(record, step=record["step"])
         if any(k.startswith("eval/") for k in record):
             tracker.log_image("eval/samples", self.last_grid, step=record["step"])
+
+
+#: longer side (pixels) of each video in an evaluation's GIF grid; larger videos are downscaled (area) for it
+EVAL_GIF_SIDE = 256
+
+
+def _thumbnails(videos: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, F, C, H, W) videos downscaled (area) so that the longer side is at most ``side``."""
+    h, w = videos.shape[-2:]
+    if max(h, w) <= side:
+        return videos
+    size = (max(1, round(h * side / max(h, w))), max(1, round(w * side / max(h, w))))
+    small = torch.nn.functional.interpolate(videos.flatten(0, 1).float(), size=size, mode="area")
+    return small.unflatten(0, videos.shape[:2])
+
+
+def default_eval_rewards(reward: str, world: str | None, is_video: bool) -> list[str]:
+    """The rewards an evaluation reports when ``eval_rewards`` is empty: the training ``reward``, plus the
+    embedded world's judges when every held-out prompt is a caption of that world (``world``, from
+    :func:`flowalign.trainers.data.world_of`) and the model makes that world's kind of sample. Image models on
+    shapes captions: ``shapes-geneval`` and ``shapes-clip``; video models on moving-shapes captions:
+    ``shapes-video``. Any other pairing (a video model on image captions) adds nothing: the image verifier would
+    judge each frame as a still."""
+    if world == "shapes" and not is_video:
+        extra = ["shapes-geneval", "shapes-clip"]
+    elif world == "shapes-video" and is_video:
+        extra = ["shapes-video"]
+    else:
+        extra = []
+    return [reward] + [n for n in extra if n != reward]
 
 
 def mean(values: list[float]) -> float:
