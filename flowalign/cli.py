@@ -41,6 +41,8 @@ def _sample_parser(sub) -> None:
                    help="Reward-gradient guidance by a differentiable reward (repeat for several objectives).")
     p.add_argument("--guide-scale", type=float, help="Guidance strength (default 1).")
     p.add_argument("--guide-mode", help="nrg (Flow-NRG, any sampler) or euphonium (SDE drift) (default nrg).")
+    p.add_argument("--stream-chunks", type=int, help="Video: stream this many chunks with a rolling EMA-Sink KV "
+                   "cache instead of one full-sequence sample (see --help-config for the stream_* keys).")
     p.add_argument("--video-format", default="gif", choices=["gif", "mp4"], help="Container for videos.")
     p.add_argument("--out", help="Output directory (default out/samples).")
     p.add_argument("--help-config", action="store_true", help="List every config key with its help and exit.")
@@ -54,8 +56,9 @@ def _eval_parser(sub) -> None:
                                    "category. Without --prompts-file the prompts are the shapes world's (balanced "
                                    "over single/counting/colors/position) and the categories are reported.")
     e.add_argument("--model", default="shapes-sd3", help="Model to evaluate (default shapes-sd3).")
-    e.add_argument("--reward", default="shapes-geneval", help="Reward name or module:Class (default shapes-geneval).")
-    e.add_argument("--split", default="test", choices=["train", "test"], help="shapes split (default test).")
+    e.add_argument("--reward", help="Reward name or module:Class (default: the world's verifier, shapes-geneval for "
+                                    "image models, shapes-video for video models).")
+    e.add_argument("--split", default="test", choices=["train", "test"], help="The world's split (default test).")
     e.add_argument("--n", type=int, default=25, help="Prompts per category (default 25).")
     e.add_argument("--prompts-file", help="Evaluate these prompts (one per line) instead of the shapes prompts.")
     e.add_argument("--steps", type=int, help="Sampling steps (default: the model's own, 20 or a distilled "
@@ -168,7 +171,7 @@ def _sample_config(args):
     from flowalign.config import SampleConfig, load_config
 
     keys = ["model", "prompts", "prompts_file", "num_steps", "sampler", "eta", "guidance_scale", "height", "width",
-            "num_frames", "num_images_per_prompt", "seed", "device", "dtype", "out"]
+            "num_frames", "num_images_per_prompt", "seed", "device", "dtype", "out", "stream_chunks"]
     flags = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.guide:
         flags["guide"] = dict(_parse_guide(g) for g in args.guide)
@@ -230,6 +233,8 @@ def cmd_sample(args) -> int:
     if cfg.guide:
         guide = fa.guidance.RewardGuidance(dict(cfg.guide), scale=cfg.guide_scale, mode=cfg.guide_mode,
                                            normalize=cfg.guide_normalize)
+    if cfg.stream_chunks:
+        return _stream(cfg, model, prompts, gen, args.video_format)
     t0 = time.perf_counter()
     traj = fa.sample(model, prompts, num_steps=cfg.num_steps, sampler=cfg.sampler, eta=cfg.eta,
                      guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
@@ -251,6 +256,33 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _stream(cfg, model, prompts: list[str], gen, video_format: str) -> int:
+    """`flowalign sample --stream-chunks N`: chunked causal generation with a rolling EMA-Sink KV cache."""
+    from flowalign.io import save_samples
+    from flowalign.sampling.streaming import stream
+
+    if not getattr(model, "is_video", False):
+        raise ValueError(f"--stream-chunks needs a video model (Wan); {cfg.model!r} is a {model.family} model.")
+    if cfg.guide or cfg.sampler not in (None, "ode"):
+        raise ValueError("Streaming integrates each chunk with the Euler ODE and takes no reward guidance; drop "
+                         "--sampler / --guide, or sample without --stream-chunks.")
+    prompts = [p for p in prompts for _ in range(cfg.num_images_per_prompt)]
+    res = stream(model, prompts, num_chunks=cfg.stream_chunks, chunk_frames=cfg.stream_chunk_frames,
+                 num_steps=cfg.num_steps, window=cfg.stream_window, sinks=cfg.stream_sinks,
+                 sink_ema=cfg.stream_sink_ema, guidance_scale=cfg.guidance_scale, height=cfg.height,
+                 width=cfg.width, generator=gen, progress=True)
+    paths = save_samples(res.images, cfg.out, video_format=video_format)
+    seconds = sum(res.chunk_seconds) + res.decode_seconds
+    record = {"model": cfg.model, "family": model.family, "prompts": prompts, "seed": cfg.seed, "streaming": {
+        "chunks": cfg.stream_chunks, "chunk_frames": cfg.stream_chunk_frames, "window": cfg.stream_window,
+        "sinks": cfg.stream_sinks, "sink_ema": cfg.stream_sink_ema, "frames": res.images.shape[1],
+        "fps": res.images.shape[0] * res.images.shape[1] / seconds}, "seconds": round(seconds, 3),
+        "files": [Path(p).name for p in paths]}
+    Path(cfg.out, "settings.json").write_text(json.dumps(record, indent=2))
+    print(f"streamed {len(paths)} video(s) of {res.images.shape[1]} frames to {cfg.out} ({seconds:.1f}s)")
+    return 0
+
+
 def _save_points(traj, out: str) -> list[str]:
     from flowalign.zoo.toy2d import plot
 
@@ -269,25 +301,28 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     import flowalign as fa
-    from flowalign.evaluation import evaluate, format_table, shapes_prompts, write_report
+    from flowalign.evaluation import evaluate, format_table, shapes_prompts, shapes_video_prompts, write_report
 
+    model = fa.load_model(args.model, device=_device(None))
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.exists():
             raise FileNotFoundError(f"prompts file not found: {path}")
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         categories = None
-    else:
-        prompts, categories = shapes_prompts(args.split, args.n, args.seed)
+    else:  # the embedded world of the model's kind: moving shapes for video models, shapes for image models
+        world = shapes_video_prompts if getattr(model, "is_video", False) else shapes_prompts
+        prompts, categories = world(args.split, args.n, args.seed)
+    args.reward = args.reward or ("shapes-video" if getattr(model, "is_video", False) else "shapes-geneval")
     reward = fa.rewards.load(args.reward)
-    model = fa.load_model(args.model, device=_device(None))
     result = evaluate(model, reward, prompts, categories, num_steps=args.steps, sampler=args.sampler,
                       guidance_scale=args.guidance_scale, seed=args.seed, return_images=True)
     out = write_report(result, prompts, args.out, title=f"{args.model} / {args.reward} / {args.split}")
     steps, sampler = args.steps or model.default_num_steps, args.sampler or model.default_sampler
     print(f"{args.model}, reward {args.reward}, {len(prompts)} prompts ({args.split}), {steps} {sampler} steps:")
     print(format_table(result))
-    print(f"wrote {out / 'grid.png'} and {out / 'eval.json'}")
+    grids = " and ".join(str(out / g) for g in ("grid.gif", "grid.png") if (out / g).exists())
+    print(f"wrote {grids} and {out / 'eval.json'}")
     return 0
 
 

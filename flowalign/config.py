@@ -119,9 +119,19 @@ class SampleConfig:
     guide_mode: str = field("nrg", "nrg (Flow-NRG velocity correction) or euphonium (SDE drift shift).",
                             choices=("nrg", "euphonium"))
     guide_normalize: bool = field(True, "Normalise each sample's reward gradient to unit norm before scaling.")
+    stream_chunks: int | None = field(None, "Video models: generate this many chunks causally with a rolling "
+                                            "EMA-Sink KV cache (flowalign.sampling.streaming); null = one "
+                                            "full-sequence sample of num_frames.")
+    stream_chunk_frames: int = field(3, "Streaming: latent frames per chunk.")
+    stream_window: int = field(6, "Streaming: latest cached latent frames kept (the rolling window).")
+    stream_sinks: int = field(3, "Streaming: EMA-Sink slots (latent frames); 0 = a plain sliding window.")
+    stream_sink_ema: float = field(0.999, "Streaming: EMA decay of the sink toward evicted frames (1 = a frozen "
+                                          "attention sink of the first frames).")
 
     def __post_init__(self):
         check_choices(self)
+        _require(self.stream_chunks is None or self.stream_chunks >= 1, "stream_chunks", self.stream_chunks,
+                 "must be >= 1 or null (off)", "stream_chunks=8")
         _require(self.guide_scale >= 0, "guide_scale", self.guide_scale, "must be >= 0", "guide_scale=5")
         _require(self.num_steps is None or self.num_steps >= 1, "num_steps", self.num_steps, "must be >= 1",
                  "num_steps=20")

@@ -23,6 +23,14 @@ def shapes_prompts(split: str = "test", per_category: int = 25, seed: int = 0) -
     return [s.caption() for s in specs], [s.category for s in specs]
 
 
+def shapes_video_prompts(split: str = "test", per_category: int = 25, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Balanced prompts of the moving-shapes video world and their categories."""
+    from flowalign.zoo import shapes_video
+
+    specs = shapes_video.eval_prompts(split, per_category, seed)
+    return [s.caption() for s in specs], [s.category for s in specs]
+
+
 @torch.no_grad()
 def evaluate(model, reward, prompts: list[str], categories: list[str] | None = None, num_steps: int | None = None,
              sampler: str | None = None, guidance_scale: float | None = None, seed: int = 0, batch_size: int = 32,
@@ -54,13 +62,18 @@ def evaluate(model, reward, prompts: list[str], categories: list[str] | None = N
 
 
 def write_report(result: dict, prompts: list[str], out: str | Path, title: str = "") -> Path:
-    """Save the sample grid (first 64) and the numbers as JSON."""
-    from flowalign.io import grid, save_image
+    """Save the sample grid (first 64; for video the animated ``grid.gif`` and its first frame as ``grid.png``) and
+    the numbers as JSON."""
+    from flowalign.io import grid, save_image, save_video, video_grid
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     imgs = result.get("images")
-    if imgs is not None:
+    if imgs is not None and imgs.ndim == 5:
+        frames = video_grid(imgs[:64], nrow=8)
+        save_video(frames, out / "grid.gif", scale=3)
+        save_image(frames[0], out / "grid.png", scale=3)
+    elif imgs is not None:
         save_image(grid(imgs[:64], nrow=8), out / "grid.png", scale=3)
     record = {k: v for k, v in result.items() if k not in ("images", "scores")}
     record["title"] = title

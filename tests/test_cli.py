@@ -42,7 +42,19 @@ def test_sample_video_and_overrides(tmp_path):
     assert json.loads((out / "settings.json").read_text())["num_steps"] == 2
 
 
+def test_sample_video_streaming(tmp_path):
+    out = tmp_path / "s"
+    assert main(["sample", "--model", "tiny-wan", "--prompt", "a red circle", "--stream-chunks", "3", "--steps", "2",
+                 "--out", str(out), "stream_chunk_frames=2", "stream_window=2", "stream_sinks=1"]) == 0
+    settings = json.loads((out / "settings.json").read_text())["streaming"]
+    # 3 chunks of 2 latent frames = 6 latent frames = (6 - 1) * 4 + 1 = 21 frames with tiny-wan's 4x in time
+    assert settings["chunks"] == 3 and settings["frames"] == 21 and settings["sinks"] == 1
+    assert (out / "sample_000.gif").exists() and (out / "grid.gif").exists()
+
+
 @pytest.mark.parametrize("argv,msg", [
+    (["sample", "--model", "tiny-sd3", "--prompt", "x", "--stream-chunks", "2"], "needs a video model"),
+    (["sample", "--model", "tiny-wan", "--prompt", "x", "--stream-chunks", "0"], "stream_chunks"),
     (["sample", "--model", "tiny-sd3"], "No prompts"),
     (["sample", "--prompt", "x", "--sampler", "euler"], "sampler"),
     (["sample", "--prompt", "x", "--eta", "-1"], "eta"),

@@ -67,3 +67,4 @@ def test_flow_matching_loss_uses_the_empty_prompt_for_dropout():
     loss = bw.flow_matching_loss(Probe(), lat, embs, cap_idx, empty=2, batch=64, caption_dropout=1.0, g=g)
     assert torch.isfinite(loss)
     assert torch.all(calls[0] == 2.0)  # every caption dropped to the empty prompt
+
