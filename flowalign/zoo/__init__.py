@@ -5,7 +5,8 @@
 - ``shapes-clip``: the tiny transformers ``CLIPModel`` whose text tower is shapes-sd3's text encoder; also the
   differentiable ``shapes-clip`` reward.
 - ``shapes-wan``: a tiny text-to-video model of the Wan 2.1 architecture over clips of moving shapes (a diffusers
-  ``WanPipeline`` folder), scored by the ``shapes-video`` verifier.
+  ``WanPipeline`` folder), scored by the ``shapes-video`` verifier; not bundled yet (built on demand by
+  ``flowalign zoo build --only shapes-wan``).
 
 ``flowalign zoo build`` reproduces them from fixed seeds (:mod:`flowalign.zoo.build_shapes`,
 :mod:`flowalign.zoo.build_shapes_wan`).

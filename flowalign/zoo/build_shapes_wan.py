@@ -4,12 +4,16 @@ A tiny Wan 2.1 pipeline (a diffusers ``WanPipeline`` folder) trained on clips of
 (:mod:`flowalign.zoo.shapes_video`), in two stages:
 
 1. a tiny causal ``AutoencoderKLWan`` (32x32 px -> 8x8x8 latents, 2x in time: 9 frames -> 5 latent frames), trained
-   on 5-frame clips (the first frame alone, then one 4-frame chunk: the two paths every longer clip uses) by MSE and
-   a small KL; per-channel ``latents_mean`` / ``latents_std`` from the training clips, as the pipeline reads them;
+   on whole 9-frame clips (the first frame alone, then two 4-frame chunks through the causal cache: trained on
+   5-frame windows only, the second chunk decodes to black) by MSE and a small KL; per-channel ``latents_mean`` / ``latents_std`` from the training clips, as the pipeline reads them;
 2. a tiny ``WanTransformer3DModel`` (patch (1, 2, 2): 5 x 4 x 4 = 80 tokens) trained by rectified-flow matching with
    logit-normal timesteps, 10% caption dropout (the empty prompt, the pipeline's default negative prompt) and an
    EMA, conditioned by a frozen, randomly initialised tiny UMT5 encoder whose word-level tokenizer is made in code
    from the caption grammar's vocabulary.
+
+Status: the output loads through plain diffusers and flowalign, but the VAE stage does not reach a usable
+reconstruction within this budget (held-out round trips pass the verifier 0% of the time after 1,200 steps), so
+shapes-wan is not bundled; ``benchmarks/bench_wan_vae.py`` measures the VAE against training length.
 """
 
 from __future__ import annotations
@@ -36,19 +40,19 @@ class WanBuildConfig:
     size: int = 32
     frames: int = 9
     n_train_clips: int = 12000
-    vae_frames: int = 5
-    vae_steps: int = 1500
-    vae_batch: int = 8
+    vae_frames: int = 9
+    vae_steps: int = 1200
+    vae_batch: int = 4
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
-    wan_steps: int = 5000
+    wan_steps: int = 3000
     wan_batch: int = 16
     wan_lr: float = 2e-3
     wan_ema: float = 0.995
     caption_dropout: float = 0.1
     guidance_scale: float = 4.0
     flow_shift: float = 1.0
-    eval_every: int = 2500  # verifier accuracy of the EMA on held-out prompts during training (0: off)
+    eval_every: int = 1500  # verifier accuracy of the EMA on held-out prompts during training (0: off)
     eval_per_category: int = 8
     recon_n: int = 120  # held-out clips for the VAE's round-trip verifier accuracy
     threads: int = 2

@@ -1,0 +1,89 @@
+"""How long must the shapes-wan VAE train? Round-trip quality of the tiny ``AutoencoderKLWan`` against steps.
+
+Trains the build's VAE (``flowalign.zoo.build_shapes_wan.shapes_wan_vae``, MSE + a small KL on whole 9-frame
+clips, posterior means decoded, AdamW with a cosine schedule over ``--steps``) and, every ``--eval-every`` steps,
+reports the held-out reconstruction MSE, the ``shapes-video`` verifier's accuracy on reconstructed held-out clips
+(the ceiling the VAE sets for shapes-wan) and the fraction of reconstructed frames that show every captioned
+object. Results: ``benchmarks/results/wan_vae.json`` (rewritten at every evaluation) and a picture of the last
+evaluation's reconstructions.
+
+    python benchmarks/bench_wan_vae.py [--steps 6000] [--eval-every 1000] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from flowalign.io import grid, save_image
+from flowalign.rewards.shapes_video import ShapesVideoVerifier, analyse_clip
+from flowalign.zoo import build_shapes_wan as bw
+from flowalign.zoo import shapes_video
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@torch.no_grad()
+def round_trip(vae, clips, captions) -> dict:
+    rec = torch.cat([vae.decode(vae.encode(bw.to_vae(clips[i:i + 20])).latent_dist.mode()).sample
+                     for i in range(0, len(clips), 20)])
+    rec = (rec / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+    ok = []
+    for clip, c in zip(rec, captions):
+        want = {(o.color, o.shape) for o in shapes_video.parse_video_caption(c).objects}
+        ok += [want <= {(o.color, o.shape) for o in found} for found in analyse_clip(clip)]
+    return {"mse": F.mse_loss(rec, clips).item(), "verifier": ShapesVideoVerifier()(rec, captions).mean().item(),
+            "frames_ok": sum(ok) / len(ok)}, rec
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--clips", type=int, default=12000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(RESULTS / "wan_vae.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = bw.WanBuildConfig(vae_steps=args.steps, n_train_clips=args.clips)
+    clips, _, _ = shapes_video.dataset(cfg.n_train_clips, "train", seed=cfg.seed, size=cfg.size, frames=cfg.frames)
+    test, test_caps, _ = shapes_video.dataset(60, "test", seed=7, size=cfg.size, frames=cfg.frames)
+    vae = bw.shapes_wan_vae(cfg.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bw._cosine_lr(s, cfg.vae_steps))
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    curve, t0 = [], time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for step in tqdm(range(1, cfg.vae_steps + 1), desc="wan vae"):
+        x = bw._windows(clips, cfg.vae_batch, cfg.vae_frames, g)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.mode()).sample
+        loss = F.mse_loss(rec, x) + cfg.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % args.eval_every == 0 or step == cfg.vae_steps:
+            vae.eval()
+            res, recon = round_trip(vae, test, test_caps)
+            vae.train()
+            curve.append({"step": step, "seconds": time.perf_counter() - t0, **res})
+            tqdm.write(json.dumps(curve[-1]))
+            out.write_text(json.dumps({"config": {"steps": args.steps, "batch": cfg.vae_batch, "frames": cfg.vae_frames,
+                                                  "lr": cfg.vae_lr, "clips": cfg.n_train_clips}, "curve": curve},
+                                      indent=2))
+            save_image(grid(torch.cat([test[:6, ::2].flatten(0, 1), recon[:6, ::2].flatten(0, 1)]), nrow=10),
+                       out.with_suffix(".png"), scale=3)
+    return {"curve": curve}
+
+
+if __name__ == "__main__":
+    main()
