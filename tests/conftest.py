@@ -42,7 +42,7 @@ def untrained_lora_parameters(train) -> tuple[object, list[str]]:
         loop.Run.__init__ = orig
     run = seen["run"]
     assert len(run.params) > 0 and all(p.requires_grad for p in run.params)
-    last = max(int(n.split(".")[1]) for n in run.param_names if n.startswith("transformer_blocks."))
-    dead = f"transformer_blocks.{last}.attn.add_q_proj."
+    last = max((int(n.split(".")[1]) for n in run.param_names if n.startswith("transformer_blocks.")), default=None)
+    dead = f"transformer_blocks.{last}.attn.add_q_proj." if last is not None else None  # SD3 only (Wan: blocks.)
     return run, [n for n, a, b in zip(run.param_names, seen["before"], run.params)
-                 if torch.equal(a, b.detach()) and not n.startswith(dead)]
+                 if torch.equal(a, b.detach()) and not (dead and n.startswith(dead))]
