@@ -48,13 +48,15 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--clips", type=int, default=12000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--base-dim", type=int, default=32, help="VAE width (the build's: 32)")
+    p.add_argument("--z-dim", type=int, default=8, help="latent channels (the build's: 8)")
     p.add_argument("--out", default=str(RESULTS / "wan_vae.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = bw.WanBuildConfig(vae_steps=args.steps, n_train_clips=args.clips)
     clips, _, _ = shapes_video.dataset(cfg.n_train_clips, "train", seed=cfg.seed, size=cfg.size, frames=cfg.frames)
     test, test_caps, _ = shapes_video.dataset(60, "test", seed=7, size=cfg.size, frames=cfg.frames)
-    vae = bw.shapes_wan_vae(cfg.seed)
+    vae = bw.shapes_wan_vae(cfg.seed, base_dim=args.base_dim, z_dim=args.z_dim)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bw._cosine_lr(s, cfg.vae_steps))
     g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -77,9 +79,9 @@ def main(argv=None) -> dict:
             vae.train()
             curve.append({"step": step, "seconds": time.perf_counter() - t0, **res})
             tqdm.write(json.dumps(curve[-1]))
-            out.write_text(json.dumps({"config": {"steps": args.steps, "batch": cfg.vae_batch, "frames": cfg.vae_frames,
-                                                  "lr": cfg.vae_lr, "clips": cfg.n_train_clips}, "curve": curve},
-                                      indent=2))
+            config = {"steps": args.steps, "batch": cfg.vae_batch, "frames": cfg.vae_frames, "lr": cfg.vae_lr,
+                      "clips": cfg.n_train_clips, "base_dim": args.base_dim, "z_dim": args.z_dim}
+            out.write_text(json.dumps({"config": config, "curve": curve}, indent=2))
             save_image(grid(torch.cat([test[:6, ::2].flatten(0, 1), recon[:6, ::2].flatten(0, 1)]), nrow=10),
                        out.with_suffix(".png"), scale=3)
     return {"curve": curve}

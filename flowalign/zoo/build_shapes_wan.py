@@ -5,7 +5,8 @@ A tiny Wan 2.1 pipeline (a diffusers ``WanPipeline`` folder) trained on clips of
 
 1. a tiny causal ``AutoencoderKLWan`` (32x32 px -> 8x8x8 latents, 2x in time: 9 frames -> 5 latent frames), trained
    on whole 9-frame clips (the first frame alone, then two 4-frame chunks through the causal cache: trained on
-   5-frame windows only, the second chunk decodes to black) by MSE and a small KL; per-channel ``latents_mean`` / ``latents_std`` from the training clips, as the pipeline reads them;
+   5-frame windows only, the second chunk decodes to black) by MSE and a small KL; per-channel ``latents_mean`` /
+   ``latents_std`` from the training clips, as the pipeline reads them;
 2. a tiny ``WanTransformer3DModel`` (patch (1, 2, 2): 5 x 4 x 4 = 80 tokens) trained by rectified-flow matching with
    logit-normal timesteps, 10% caption dropout (the empty prompt, the pipeline's default negative prompt) and an
    EMA, conditioned by a frozen, randomly initialised tiny UMT5 encoder whose word-level tokenizer is made in code
@@ -75,7 +76,7 @@ def text_encoder(seed: int):
     return UMT5EncoderModel(cfg).eval().requires_grad_(False)
 
 
-def shapes_wan_vae(seed: int):
+def shapes_wan_vae(seed: int, base_dim: int = 32, z_dim: int = 8):
     """The Wan 2.2 layout at toy width: 2x2 pixel patches in (12 channels), residual (average-pool / duplicate)
     shortcuts around each resampling, one 2x down/up-sampling stage in space and time. At this width the Wan 2.1
     layout (no patches, no residual shortcuts) hardly trains: its per-pixel RMS norms over a few channels discard
@@ -83,7 +84,7 @@ def shapes_wan_vae(seed: int):
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
-    return AutoencoderKLWan(base_dim=32, z_dim=8, dim_mult=[1, 1], num_res_blocks=1, attn_scales=[],
+    return AutoencoderKLWan(base_dim=base_dim, z_dim=z_dim, dim_mult=[1, 1], num_res_blocks=1, attn_scales=[],
                             temperal_downsample=[True], is_residual=True, patch_size=2, in_channels=12,
                             out_channels=12, scale_factor_spatial=4, scale_factor_temporal=2)
 
