@@ -3,18 +3,16 @@
 A tiny Wan 2.1 pipeline (a diffusers ``WanPipeline`` folder) trained on clips of moving shapes
 (:mod:`flowalign.zoo.shapes_video`), in two stages:
 
-1. a tiny causal ``AutoencoderKLWan`` (32x32 px -> 8x8x8 latents, 2x in time: 9 frames -> 5 latent frames), trained
-   on whole 9-frame clips (the first frame alone, then two 4-frame chunks through the causal cache: trained on
-   5-frame windows only, the second chunk decodes to black) by MSE and a small KL; per-channel ``latents_mean`` /
-   ``latents_std`` from the training clips, as the pipeline reads them;
-2. a tiny ``WanTransformer3DModel`` (patch (1, 2, 2): 5 x 4 x 4 = 80 tokens) trained by rectified-flow matching with
+1. a tiny causal ``AutoencoderKLWan`` in the Wan 2.2 residual layout (32x32 px -> 16x16x8 latents, 2x in time:
+   9 frames -> 5 latent frames), trained on whole 9-frame clips (the first frame alone, then two 4-frame chunks
+   through the causal cache) by MSE and a small KL; per-channel ``latents_mean`` / ``latents_std`` from the
+   training clips, as the pipeline reads them;
+2. a tiny ``WanTransformer3DModel`` (patch (1, 4, 4): 5 x 4 x 4 = 80 tokens) trained by rectified-flow matching with
    logit-normal timesteps, 10% caption dropout (the empty prompt, the pipeline's default negative prompt) and an
    EMA, conditioned by a frozen, randomly initialised tiny UMT5 encoder whose word-level tokenizer is made in code
    from the caption grammar's vocabulary.
 
-Status: the output loads through plain diffusers and flowalign, but the VAE stage does not reach a usable
-reconstruction within this budget (held-out round trips pass the verifier 0% of the time after 1,200 steps), so
-shapes-wan is not bundled; ``benchmarks/bench_wan_vae.py`` measures the VAE against training length.
+``benchmarks/README.md`` ("Video") records how the VAE layout was chosen and what the build measures.
 """
 
 from __future__ import annotations
