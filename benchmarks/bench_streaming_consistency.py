@@ -10,7 +10,7 @@ Each held-out motion prompt is streamed for ``--chunks`` chunks of ``--chunk`` l
 - temporal consistency (``temporal-consistency`` reward, higher is steadier) and motion (``motion`` reward);
 - frames per second and the cache bound.
 
-    python benchmarks/bench_streaming_consistency.py [--per-prompt-set 12] [--chunks 12]
+    python benchmarks/bench_streaming_consistency.py [--prompts 12] [--chunks 12]
 """
 
 from __future__ import annotations

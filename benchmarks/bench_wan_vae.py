@@ -22,24 +22,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from flowalign.io import grid, save_image
-from flowalign.rewards.shapes_video import ShapesVideoVerifier, analyse_clip
 from flowalign.zoo import build_shapes_wan as bw
 from flowalign.zoo import shapes_video
 
 RESULTS = Path(__file__).parent / "results"
-
-
-@torch.no_grad()
-def round_trip(vae, clips, captions) -> dict:
-    rec = torch.cat([vae.decode(vae.encode(bw.to_vae(clips[i:i + 20])).latent_dist.mode()).sample
-                     for i in range(0, len(clips), 20)])
-    rec = (rec / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
-    ok = []
-    for clip, c in zip(rec, captions):
-        want = {(o.color, o.shape) for o in shapes_video.parse_video_caption(c).objects}
-        ok += [want <= {(o.color, o.shape) for o in found} for found in analyse_clip(clip)]
-    return {"mse": F.mse_loss(rec, clips).item(), "verifier": ShapesVideoVerifier()(rec, captions).mean().item(),
-            "frames_ok": sum(ok) / len(ok)}, rec
 
 
 def main(argv=None) -> dict:
@@ -75,7 +61,7 @@ def main(argv=None) -> dict:
         sched.step()
         if step % args.eval_every == 0 or step == cfg.vae_steps:
             vae.eval()
-            res, recon = round_trip(vae, test, test_caps)
+            res, recon = bw.round_trip_quality(vae, test, test_caps)
             vae.train()
             curve.append({"step": step, "seconds": time.perf_counter() - t0, **res})
             tqdm.write(json.dumps(curve[-1]))

@@ -13,8 +13,8 @@ from flowalign.zoo import build_shapes_wan as bw
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("zoo")
-    cfg = bw.WanBuildConfig(n_train_clips=24, vae_steps=2, vae_batch=2, wan_steps=3, wan_batch=4, eval_every=0,
-                            recon_n=4, threads=1)
+    cfg = bw.WanBuildConfig(n_train_clips=24, vae_steps=2, vae_batch=2, vae_eval_every=1, vae_eval_n=2, wan_steps=3,
+                            wan_batch=4, eval_every=0, recon_n=4, threads=1)
     report = bw.build(cfg, out_root=out)
     return out / "shapes-wan", report
 
@@ -25,9 +25,42 @@ def test_build_writes_a_loadable_pipeline_and_report(built):
     assert json.loads((path / "flowalign.json").read_text())["native_size"] == [32, 32, 9]
     for key in ("render_seconds", "vae", "wan", "total_seconds"):
         assert key in report
-    assert 0.0 <= report["vae"]["recon_verifier_test"] <= 1.0
+    recon = report["vae"]["recon_test"]
+    assert 0.0 <= recon["verifier"] <= 1.0 and 0.0 <= recon["frames_ok"] <= 1.0 and recon["mse"] > 0
+    assert [row["step"] for row in report["vae"]["curve"]] == [1, 2]
     assert (path.parent / "build_report_shapes-wan.json").exists()
     assert not (path.parent / "shapes-wan.tmp").exists()
+    assert not (path.parent / "shapes-wan.vae.pt").exists()  # the stage checkpoint goes once the build succeeds
+
+
+def test_a_killed_vae_stage_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    from flowalign.zoo import shapes_video
+
+    torch.set_num_threads(1)
+    clips, _, _ = shapes_video.dataset(8, "train", seed=0, size=32, frames=9)
+    cfg = bw.WanBuildConfig(n_train_clips=8, vae_steps=4, vae_batch=2, vae_eval_every=0, vae_save_every=2)
+    straight, _ = bw.train_vae(cfg, clips)
+
+    windows, calls = bw._windows, []
+
+    def killed_after_two_steps(*args):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return windows(*args)
+
+    ckpt = tmp_path / "vae.pt"
+    monkeypatch.setattr(bw, "_windows", killed_after_two_steps)
+    with pytest.raises(KeyboardInterrupt):
+        bw.train_vae(cfg, clips, ckpt)
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    monkeypatch.setattr(bw, "_windows", windows)
+    resumed, _ = bw.train_vae(cfg, clips, ckpt)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # a checkpoint written with other VAE settings is not resumed
+    other = bw.WanBuildConfig(n_train_clips=8, vae_steps=4, vae_batch=2, vae_eval_every=0, vae_lr=5e-4)
+    assert bw._vae_key(other) != bw._vae_key(cfg)
 
 
 def test_vae_latent_statistics_normalise_the_training_latents(built):

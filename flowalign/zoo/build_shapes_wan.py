@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from flowalign.zoo import WEIGHTS
+from flowalign.zoo import WEIGHTS, shapes_video
 from flowalign.zoo.build_shapes import _cosine_lr, _ema, _replace
 
 TEXT_LEN = 16  # UMT5 tokens: the longest caption is 13 words plus EOS
@@ -40,8 +41,8 @@ class WanBuildConfig:
     frames: int = 9
     n_train_clips: int = 12000
     vae_frames: int = 9
-    vae_steps: int = 800
-    vae_batch: int = 4
+    vae_steps: int = 3000
+    vae_batch: int = 2
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
     wan_steps: int = 3000
@@ -53,6 +54,9 @@ class WanBuildConfig:
     flow_shift: float = 1.0
     eval_every: int = 1500  # verifier accuracy of the EMA on held-out prompts during training (0: off)
     eval_per_category: int = 8
+    vae_eval_every: int = 250  # held-out round-trip quality during the VAE stage (0: off)
+    vae_eval_n: int = 40
+    vae_save_every: int = 100  # steps between VAE-stage checkpoints (a killed build resumes from the last)
     recon_n: int = 120  # held-out clips for the VAE's round-trip verifier accuracy
     threads: int = 2
 
@@ -106,14 +110,29 @@ def settings(cfg: WanBuildConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- stage 1: VAE
-def train_vae(cfg: WanBuildConfig, clips: torch.Tensor) -> tuple[torch.nn.Module, dict]:
-    """``clips``: (N, F, 3, H, W) in [0, 1]. Trains on random ``vae_frames``-long windows."""
+def train_vae(cfg: WanBuildConfig, clips: torch.Tensor, checkpoint: Path | None = None) -> tuple[torch.nn.Module, dict]:
+    """``clips``: (N, F, 3, H, W) in [0, 1]. Trains on random ``vae_frames``-long windows; every
+    ``vae_eval_every`` steps it scores held-out round trips (:func:`round_trip_quality`). With ``checkpoint``, the
+    stage saves its whole state there every ``vae_save_every`` steps and resumes from it (when it was written with
+    the same VAE settings), so a killed build loses at most that many steps."""
     vae = shapes_wan_vae(cfg.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.vae_steps))
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    bar = tqdm(range(cfg.vae_steps), desc="shapes-wan vae", leave=False)
-    for _ in bar:
+    state = {"key": _vae_key(cfg), "step": 0, "curve": [], "mse": float("nan")}
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        if saved["key"] == state["key"]:
+            vae.load_state_dict(saved["vae"])
+            opt.load_state_dict(saved["opt"])
+            sched.load_state_dict(saved["sched"])
+            g.set_state(saved["generator"])
+            state = {k: saved[k] for k in state}
+            tqdm.write(f"shapes-wan vae: resuming from step {state['step']} ({checkpoint})")
+    test, test_captions, _ = shapes_video.dataset(cfg.vae_eval_n, "test", seed=7, size=cfg.size, frames=cfg.frames)
+    bar = tqdm(range(state["step"], cfg.vae_steps), initial=state["step"], total=cfg.vae_steps,
+               desc="shapes-wan vae", leave=False)
+    for step in bar:
         x = _windows(clips, cfg.vae_batch, cfg.vae_frames, g)
         post = vae.encode(x).latent_dist
         # decode the posterior mean: with the encoder's initial log-variance (about 0), sampled latents carry unit
@@ -127,13 +146,51 @@ def train_vae(cfg: WanBuildConfig, clips: torch.Tensor) -> tuple[torch.nn.Module
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(mse=f"{mse.item():.4f}")
+        state.update(step=step + 1, mse=mse.item())
+        bar.set_postfix(mse=f"{state['mse']:.4f}")
+        if cfg.vae_eval_every and (step + 1) % cfg.vae_eval_every == 0:
+            state["curve"].append({"step": step + 1, **round_trip_quality(vae, test, test_captions)[0]})
+            tqdm.write(f"shapes-wan vae step {step + 1}: {json.dumps(state['curve'][-1])}")
+        if checkpoint is not None and ((step + 1) % cfg.vae_save_every == 0 or step + 1 == cfg.vae_steps):
+            _atomic_save({**state, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                          "generator": g.get_state()}, checkpoint)
     vae.eval().requires_grad_(False)
     z = encode_clips(vae, clips[:1024])
     mean = z.mean(dim=(0, 2, 3, 4))
     std = z.std(dim=(0, 2, 3, 4))
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-    return vae, {"final_mse": mse.item()}
+    return vae, {"final_mse": state["mse"], "curve": state["curve"]}
+
+
+def _vae_key(cfg: WanBuildConfig) -> dict:
+    """The settings a VAE checkpoint must share with the build that resumes it."""
+    return {k: v for k, v in asdict(cfg).items()
+            if k.startswith("vae_") and k not in ("vae_eval_every", "vae_save_every")
+            or k in ("seed", "size", "frames", "n_train_clips")}
+
+
+def _atomic_save(obj, path: Path) -> None:
+    torch.save(obj, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+
+
+@torch.no_grad()
+def round_trip_quality(vae, clips: torch.Tensor, captions: list[str]) -> tuple[dict, torch.Tensor]:
+    """Encode/decode (N, F, 3, H, W) clips: the MSE in [0, 1], the ``shapes-video`` verifier's accuracy on the
+    round trips and the fraction of their frames that show every captioned object (colour and shape), with the
+    reconstructions."""
+    from flowalign.rewards.shapes_video import ShapesVideoVerifier, analyse_clip
+
+    rec = torch.cat([vae.decode(vae.encode(to_vae(clips[i:i + 20])).latent_dist.mode()).sample
+                     for i in range(0, len(clips), 20)])
+    rec = (rec / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+    ok = []
+    for clip, caption in zip(rec, captions):
+        want = {(o.color, o.shape) for o in shapes_video.parse_video_caption(caption).objects}
+        ok += [want <= {(o.color, o.shape) for o in found} for found in analyse_clip(clip)]
+    return {"mse": round(F.mse_loss(rec, clips).item(), 5),
+            "verifier": round(ShapesVideoVerifier()(rec, captions).mean().item(), 3),
+            "frames_ok": round(sum(ok) / len(ok), 3)}, rec
 
 
 def _windows(clips: torch.Tensor, batch: int, frames: int, g: torch.Generator) -> torch.Tensor:
@@ -154,20 +211,6 @@ def to_vae(clips: torch.Tensor) -> torch.Tensor:
     """(N, F, 3, H, W) in [0, 1] -> the VAE's contiguous (N, 3, F, H, W) in [-1, 1] (a permuted, non-contiguous
     input sends the 3-D convolutions down a path several times slower on CPU)."""
     return (clips * 2 - 1).permute(0, 2, 1, 3, 4).contiguous()
-
-
-@torch.no_grad()
-def reconstruction_accuracy(vae, cfg: WanBuildConfig, seed: int = 7) -> float:
-    """Verifier accuracy on held-out clips after an encode/decode round trip: the ceiling the VAE sets."""
-    from flowalign.rewards.shapes_video import ShapesVideoVerifier
-    from flowalign.zoo import shapes_video
-
-    n = cfg.recon_n
-    clips, captions, _ = shapes_video.dataset(n, "test", seed=seed, size=cfg.size, frames=cfg.frames)
-    rec = torch.cat([vae.decode(vae.encode(to_vae(clips[i:i + 32])).latent_dist.mode()).sample
-                     for i in range(0, n, 32)])
-    rec = (rec / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
-    return ShapesVideoVerifier()(rec, captions).mean().item()
 
 
 # ----------------------------------------------------------------------------- stage 2: transformer
@@ -248,7 +291,6 @@ def verifier_accuracy(cfg: WanBuildConfig, pipe, weights, per_category: int | No
     import flowalign as fa
     from flowalign.evaluation import evaluate
     from flowalign.rewards.shapes_video import ShapesVideoVerifier
-    from flowalign.zoo import shapes_video
 
     training = pipe.transformer
     pipe.transformer = weights
@@ -264,8 +306,8 @@ def verifier_accuracy(cfg: WanBuildConfig, pipe, weights, per_category: int | No
 
 # ----------------------------------------------------------------------------- driver
 def build(cfg: WanBuildConfig | None = None, out_root: Path = WEIGHTS) -> dict:
-    from flowalign.zoo import shapes_video
-
+    """Render, train the VAE (resumable: ``out_root/shapes-wan.vae.pt``), train the transformer, and swap the
+    pipeline into ``out_root/shapes-wan``; the VAE checkpoint is removed once the build succeeds."""
     cfg = cfg or WanBuildConfig()
     torch.set_num_threads(cfg.threads)
     report: dict = {"config": asdict(cfg)}
@@ -274,14 +316,18 @@ def build(cfg: WanBuildConfig | None = None, out_root: Path = WEIGHTS) -> dict:
                                               frames=cfg.frames)
     report["render_seconds"] = time.perf_counter() - t0
     t = time.perf_counter()
-    vae, report["vae"] = train_vae(cfg, clips)
+    out_root.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_root / "shapes-wan.vae.pt"
+    vae, report["vae"] = train_vae(cfg, clips, checkpoint)
     report["vae"]["seconds"] = time.perf_counter() - t
-    report["vae"]["recon_verifier_test"] = reconstruction_accuracy(vae, cfg)
+    test, test_captions, _ = shapes_video.dataset(cfg.recon_n, "test", seed=7, size=cfg.size, frames=cfg.frames)
+    report["vae"]["recon_test"] = round_trip_quality(vae, test, test_captions)[0]
     print("shapes-wan vae:", json.dumps(report["vae"]))
     t = time.perf_counter()
     tmp = out_root / "shapes-wan.tmp"
     report["wan"] = train_wan(cfg, clips, captions, vae, tmp)
     _replace(tmp, out_root / "shapes-wan")
+    checkpoint.unlink(missing_ok=True)
     report["wan"]["seconds"] = time.perf_counter() - t
     print("shapes-wan:", json.dumps(report["wan"]))
     report["total_seconds"] = time.perf_counter() - t0
