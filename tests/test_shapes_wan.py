@@ -13,8 +13,9 @@ from flowalign.zoo import build_shapes_wan as bw
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("zoo")
-    cfg = bw.WanBuildConfig(n_train_clips=24, vae_steps=2, vae_batch=2, vae_eval_every=1, vae_eval_n=2, wan_steps=3,
-                            wan_batch=4, eval_every=0, recon_n=4, threads=1)
+    cfg = bw.WanBuildConfig(n_train_clips=24, vae_steps=2, vae_frame_steps=1, vae_frame_batch=4, vae_batch=2,
+                            vae_eval_every=1, vae_eval_n=2, wan_steps=3, wan_batch=4, eval_every=0, recon_n=4,
+                            threads=1)
     report = bw.build(cfg, out_root=out)
     return out / "shapes-wan", report
 
@@ -38,7 +39,8 @@ def test_a_killed_vae_stage_resumes_to_the_uninterrupted_weights(tmp_path, monke
 
     torch.set_num_threads(1)
     clips, _, _ = shapes_video.dataset(8, "train", seed=0, size=32, frames=9)
-    cfg = bw.WanBuildConfig(n_train_clips=8, vae_steps=4, vae_batch=2, vae_eval_every=0, vae_save_every=2)
+    cfg = bw.WanBuildConfig(n_train_clips=8, vae_steps=4, vae_frame_steps=1, vae_frame_batch=4, vae_batch=2,
+                            vae_eval_every=0, vae_save_every=2)
     straight, _ = bw.train_vae(cfg, clips)
 
     windows, calls = bw._windows, []
