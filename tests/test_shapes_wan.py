@@ -103,3 +103,24 @@ def test_flow_matching_loss_uses_the_empty_prompt_for_dropout():
     assert torch.isfinite(loss)
     assert torch.all(calls[0] == 2.0)  # every caption dropped to the empty prompt
 
+
+
+def test_the_vae_starts_as_a_per_frame_autoencoder():
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    clip = torch.rand(1, 3, 9, 32, 32, generator=g) * 2 - 1
+    edited = clip.clone()
+    edited[:, :, 1] = torch.rand(3, 32, 32, generator=g) * 2 - 1  # frame 1 feeds latent frame 1 only
+
+    def round_trip(vae, x):
+        z = vae.encode(x).latent_dist.mode()
+        return z, vae.decode(z).sample
+
+    with torch.no_grad():
+        vae = bw.shapes_wan_vae(0)
+        (z, out), (z_edit, out_edit) = round_trip(vae, clip), round_trip(vae, edited)
+        assert torch.equal(z[:, :, 2:], z_edit[:, :, 2:]) and not torch.equal(z[:, :, 1], z_edit[:, :, 1])
+        assert torch.equal(out[:, :, 3:], out_edit[:, :, 3:])  # latent frame 1 decodes to frames 1-2
+        # the random temporal weights of the plain layout carry frame 1 into every later latent frame
+        plain = bw.shapes_wan_vae(0, per_frame_start=False)
+        assert not torch.equal(round_trip(plain, clip)[0][:, :, 4], round_trip(plain, edited)[0][:, :, 4])
