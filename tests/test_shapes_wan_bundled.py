@@ -9,7 +9,7 @@ import flowalign as fa
 from flowalign.zoo import WEIGHTS
 from flowalign.zoo import build_shapes_wan as bw
 
-# shapes-wan is not bundled yet (its VAE does not reach a usable reconstruction within the CPU build budget; see
+# shapes-wan is not bundled yet (its transformer stage has not been trained on top of the working VAE; see
 # README "The bundled worlds"); these run as soon as `flowalign zoo build --only shapes-wan` has written it.
 pytestmark = pytest.mark.skipif(not (WEIGHTS / "shapes-wan" / "model_index.json").exists(),
                                 reason="shapes-wan is not bundled yet")

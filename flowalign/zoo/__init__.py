@@ -28,9 +28,8 @@ def path(name: str) -> str:
         raise ValueError(f"Unknown bundled world {name!r}; choose one of {NAMES}.")
     p = WEIGHTS / name
     if name == "shapes-wan" and not (p / "model_index.json").exists():
-        raise FileNotFoundError("shapes-wan is not bundled yet (its tiny VAE does not reach a usable reconstruction "
-                                "within a CPU build; see README, 'The bundled worlds'). Build it with `flowalign zoo "
-                                "build --only shapes-wan`, or use tiny-wan for video smoke tests.")
+        raise FileNotFoundError("shapes-wan is not bundled yet (see README, 'The bundled worlds'). Build it with "
+                                "`flowalign zoo build --only shapes-wan`, or use tiny-wan for video smoke tests.")
     if not (p / "model_index.json").exists() and not (p / "config.json").exists():
         raise FileNotFoundError(f"The bundled {name!r} is missing at {p}; rebuild it with `flowalign zoo build "
                                 f"--only {name}`.")
