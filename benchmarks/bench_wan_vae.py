@@ -1,7 +1,8 @@
 """How long must the shapes-wan VAE train? Round-trip quality of the tiny ``AutoencoderKLWan`` against steps.
 
-Trains the build's VAE (``flowalign.zoo.build_shapes_wan.shapes_wan_vae``, MSE + a small KL on whole 9-frame
-clips, posterior means decoded, AdamW with a cosine schedule over ``--steps``) and, every ``--eval-every`` steps,
+Trains the build's VAE (``flowalign.zoo.build_shapes_wan.shapes_wan_vae``) on whole clips only, unlike the
+build, which trains on single frames (MSE + a small KL on whole 9-frame clips, posterior means decoded, AdamW
+with a cosine schedule over ``--steps``) and, every ``--eval-every`` steps,
 reports the held-out reconstruction MSE, the ``shapes-video`` verifier's accuracy on reconstructed held-out clips
 (the ceiling the VAE sets for shapes-wan) and the fraction of reconstructed frames that show every captioned
 object. Results: ``benchmarks/results/wan_vae.json`` (rewritten at every evaluation) and a picture of the last

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 
 def as_prompt_list(prompts) -> list[str]:
@@ -22,3 +23,11 @@ def require(module: str, extra: str):
         raise ImportError(
             f"{module!r} is needed for this feature; install it with `pip install 'flowalign[{extra}]'`."
         ) from e
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save`` to ``path`` through a temporary file, so a killed process never leaves a half-written one."""
+    import torch
+
+    torch.save(obj, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)

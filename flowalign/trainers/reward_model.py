@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from flowalign.config import DTYPES, SAMPLERS, _require, check_choices, field, load_config, save_config
+from flowalign.utils import atomic_save
 
 __all__ = ["RewardModelConfig", "main", "pair_accuracy", "spearman", "train_reward_model"]
 
@@ -295,11 +296,6 @@ def _finite_or_none(obj):
     return obj
 
 
-def _atomic_save(obj, path: Path) -> None:
-    torch.save(obj, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
-
-
 def _plot(metrics: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -423,7 +419,7 @@ def train_reward_model(cfg: RewardModelConfig, model=None, reward=None) -> dict:
         history.append({"step": step + 1, "loss": loss.item(), **logs})
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.train_steps:
-            _atomic_save({"step": step + 1, "model": lm.state_dict(), "optimizer": opt.state_dict(),
+            atomic_save({"step": step + 1, "model": lm.state_dict(), "optimizer": opt.state_dict(),
                           "history": history, "init": init, "config": _resume_key(cfg)}, ckpt_path)
     t_train = time.perf_counter() - t_train
 

@@ -4,9 +4,9 @@ A tiny Wan 2.1 pipeline (a diffusers ``WanPipeline`` folder) trained on clips of
 (:mod:`flowalign.zoo.shapes_video`), in two stages:
 
 1. a tiny causal ``AutoencoderKLWan`` in the Wan 2.2 residual layout (32x32 px -> 16x16x8 latents, 2x in time:
-   9 frames -> 5 latent frames), trained on whole 9-frame clips (the first frame alone, then two 4-frame chunks
-   through the causal cache) by MSE and a small KL; per-channel ``latents_mean`` / ``latents_std`` from the
-   training clips, as the pipeline reads them;
+   9 frames -> 5 latent frames), started as a per-frame autoencoder and trained on batches of single frames of the
+   training clips (:func:`train_vae` says why) by MSE and a small KL; per-channel ``latents_mean`` /
+   ``latents_std`` from the training clips, as the pipeline reads them;
 2. a tiny ``WanTransformer3DModel`` (patch (1, 4, 4): 5 x 4 x 4 = 80 tokens) trained by rectified-flow matching with
    logit-normal timesteps, 10% caption dropout (the empty prompt, the pipeline's default negative prompt) and an
    EMA, conditioned by a frozen, randomly initialised tiny UMT5 encoder whose word-level tokenizer is made in code
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from flowalign.utils import atomic_save
 from flowalign.zoo import WEIGHTS, shapes_video
 from flowalign.zoo.build_shapes import _cosine_lr, _ema, _replace
 
@@ -189,7 +189,7 @@ def train_vae(cfg: WanBuildConfig, clips: torch.Tensor, checkpoint: Path | None 
             state["curve"].append({"step": step + 1, **round_trip_quality(vae, test, test_captions)[0]})
             tqdm.write(f"shapes-wan vae step {step + 1}: {json.dumps(state['curve'][-1])}")
         if checkpoint is not None and ((step + 1) % cfg.vae_save_every == 0 or step + 1 == cfg.vae_steps):
-            _atomic_save({**state, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            atomic_save({**state, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                           "generator": g.get_state()}, checkpoint)
     vae.eval().requires_grad_(False)
     z = encode_clips(vae, clips[:1024])
@@ -204,11 +204,6 @@ def _vae_key(cfg: WanBuildConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items()
             if k.startswith("vae_") and k not in ("vae_eval_every", "vae_save_every")
             or k in ("seed", "size", "frames", "n_train_clips")}
-
-
-def _atomic_save(obj, path: Path) -> None:
-    torch.save(obj, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
 
 
 @torch.no_grad()
