@@ -6,7 +6,7 @@ flow-matching training with the build's loss (batch 16, logit-normal sigmas, 10%
 ``shapes-geneval`` verifier on every held-out test-split prompt (``flowalign eval``'s ``--n 50`` set, 118 prompts)
 at 20 ODE steps and CFG 4, twice (noise seeds 0 and 1). Nothing is written to the bundle.
 
-    python benchmarks/bench_sd3_continue.py [--steps 3000] [--lr 5e-4] [--threads 2]
+    python benchmarks/bench_sd3_continue.py [--steps 3000] [--lr 5e-4] [--batch 16] [--logit-mean 0] [--threads 2]
 
 Results: ``benchmarks/results/sd3_continue.json``.
 """
@@ -48,6 +48,9 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--logit-mean", type=float, default=0.0,
+                   help="location of the logit-normal sigmas (negative: more weight on low noise levels)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "sd3_continue.json"))
     args = p.parse_args(argv)
@@ -64,7 +67,8 @@ def main(argv=None) -> list[dict]:
     print(json.dumps(rows[-1]), flush=True)
     losses, t0 = [], time.perf_counter()
     for step in range(args.steps):
-        loss = flow_matching_loss(transformer, lat, embs, pooled, cap_idx, empty, 16, 0.1, g)
+        loss = flow_matching_loss(transformer, lat, embs, pooled, cap_idx, empty, args.batch, 0.1, g,
+                                  logit_mean=args.logit_mean)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -78,7 +82,7 @@ def main(argv=None) -> list[dict]:
                          "seconds": round(time.perf_counter() - t0), **held_out_accuracy(pipe, ema)})
             print(json.dumps(rows[-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1))
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return rows
 
 

@@ -243,15 +243,16 @@ def encode_dataset(pipe, images: torch.Tensor, captions: list[str]):
 
 
 def flow_matching_loss(transformer, lat, embs, pooled, cap_idx, empty: int, batch: int, caption_dropout: float,
-                       g: torch.Generator) -> torch.Tensor:
+                       g: torch.Generator, logit_mean: float = 0.0) -> torch.Tensor:
     """One rectified-flow batch: ``batch`` latents drawn from ``lat``, captions dropped to ``empty`` at
-    ``caption_dropout``, logit-normal(0, 1) sigmas; the MSE of the predicted velocity against ``eps - x0``."""
+    ``caption_dropout``, logit-normal(``logit_mean``, 1) sigmas; the MSE of the predicted velocity against
+    ``eps - x0``."""
     b = torch.randint(len(lat), (batch,), generator=g)
     x0 = lat[b]
     c = cap_idx[b].clone()
     c[torch.rand(len(b), generator=g) < caption_dropout] = empty
     eps = torch.randn(x0.shape, generator=g)
-    sigma = torch.sigmoid(torch.randn(len(b), generator=g))
+    sigma = torch.sigmoid(torch.randn(len(b), generator=g) + logit_mean)
     xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * eps
     v = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=embs[c],
                     pooled_projections=pooled[c], return_dict=False)[0]

@@ -47,14 +47,14 @@ class WanBuildConfig:
     vae_batch: int = 2  # whole clips per step after that
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
-    wan_steps: int = 3000
+    wan_steps: int = 9000
     wan_batch: int = 16
     wan_lr: float = 2e-3
     wan_ema: float = 0.995
     caption_dropout: float = 0.1
     guidance_scale: float = 4.0
     flow_shift: float = 1.0
-    eval_every: int = 1500  # verifier accuracy of the EMA on held-out prompts during training (0: off)
+    eval_every: int = 3000  # verifier accuracy of the EMA on held-out prompts during training (0: off)
     eval_per_category: int = 8
     vae_eval_every: int = 200  # held-out round-trip quality during the VAE stage (0: off)
     vae_eval_n: int = 40
