@@ -6,7 +6,9 @@ A tiny Wan 2.1 pipeline (a diffusers ``WanPipeline`` folder) trained on clips of
 1. a tiny causal ``AutoencoderKLWan`` in the Wan 2.2 residual layout (32x32 px -> 16x16x8 latents, 2x in time:
    9 frames -> 5 latent frames), started as a per-frame autoencoder and trained on batches of single frames of the
    training clips (:func:`train_vae` says why) by MSE and a small KL; per-channel ``latents_mean`` /
-   ``latents_std`` from the training clips, as the pipeline reads them;
+   ``latents_std`` from the training clips, as the pipeline reads them. Single frames never train the
+   time-upsampling convolutions, which the per-frame start makes pass the latest frame through, so the decoder
+   repeats every frame after the first (5 distinct frames in 9; a known limitation);
 2. a tiny ``WanTransformer3DModel`` (patch (1, 4, 4): 5 x 4 x 4 = 80 tokens) trained by rectified-flow matching with
    logit-normal timesteps, 10% caption dropout (the empty prompt, the pipeline's default negative prompt) and an
    EMA, conditioned by a frozen, randomly initialised tiny UMT5 encoder whose word-level tokenizer is made in code
