@@ -2,16 +2,10 @@
 
 from pathlib import Path
 
-import pytest
 import torch
 
 import flowalign as fa
-from flowalign.zoo import WEIGHTS
 from flowalign.zoo import build_shapes_wan as bw
-
-# A source checkout without the bundled weights (a fresh `flowalign zoo build` in progress) skips these.
-pytestmark = pytest.mark.skipif(not (WEIGHTS / "shapes-wan" / "model_index.json").exists(),
-                                reason="shapes-wan weights are missing; `flowalign zoo build --only shapes-wan`")
 
 
 def test_bundled_shapes_wan_loads_by_name_and_through_plain_diffusers():
