@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from flowalign.zoo import path, shapes_video
+from flowalign.zoo.build_shapes import _cosine_lr
 from flowalign.zoo.build_shapes_wan import _windows, round_trip_quality
 
 RESULTS = Path(__file__).parent / "results"
@@ -84,8 +84,7 @@ def main(argv=None) -> dict:
     print(json.dumps(rows[-1]), flush=True)
     params = temporal_parameters(vae)
     opt = torch.optim.AdamW([p for p, _ in params], lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (
-        1 + math.cos(math.pi * s / args.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, args.steps, warmup=args.warmup))
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     vae.train()
