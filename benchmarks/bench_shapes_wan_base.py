@@ -6,9 +6,11 @@ Samples ``--per-category`` held-out moving-shapes prompts per category (the mode
 
 - ``frames``: the fraction of frames whose detections are exactly the captioned objects (colour and shape);
 - ``colours``: the fraction of frames whose detections have exactly the captioned colours;
-- ``tracked_motion``: the verifier's tracked motion (canvas fractions per clip; 0 where no object is tracked).
+- ``tracked_motion``: the verifier's tracked motion (canvas fractions per clip; 0 where no object is tracked);
+- ``temporal_consistency``: the ``temporal-consistency`` reward (minus the flicker; 0 for a clip whose frames never
+  reverse a change, which includes one whose frames repeat in pairs).
 
-It also saves every other frame of the first 16 clips as a PNG, one clip per row.
+It also saves every frame of the first 16 clips as a PNG, one clip per row.
 
     python benchmarks/bench_shapes_wan_base.py [--model shapes-wan|runs/re-dmd-shapes-wan/student] [--per-category 8]
 
@@ -27,7 +29,7 @@ from torchvision.utils import save_image
 
 import flowalign as fa
 from flowalign.rewards.shapes_video import ShapesVideoVerifier, analyse_clip, clip_motion
-from flowalign.rewards.video import MotionReward
+from flowalign.rewards.video import MotionReward, TemporalConsistency
 from flowalign.zoo import shapes_video
 
 RESULTS = Path(__file__).parent / "results"
@@ -59,12 +61,13 @@ def main(argv=None) -> dict:
     result = {"model": args.model, "n": len(captions),
               "verifier": round(ShapesVideoVerifier()(clips, captions).mean().item(), 3),
               "motion_reward": round(MotionReward()(clips, captions).mean().item(), 4),
+              "temporal_consistency": round(TemporalConsistency()(clips, captions).mean().item(), 4),
               **{k: round(sum(r[k] for r in rows) / len(rows), 3) for k in rows[0]}}
     print(json.dumps(result))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    first = clips[:16, ::2]
+    first = clips[:16]
     save_image(first.reshape(-1, *first.shape[2:]), out.with_suffix(".png"), nrow=first.shape[1])
     return result
 

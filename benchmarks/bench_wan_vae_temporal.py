@@ -1,18 +1,22 @@
-"""Can the bundled shapes-wan VAE learn distinct frames? Train only its temporal weights on clips.
+"""Can the shapes-wan VAE learn distinct frames? Train only its temporal weights on clips.
 
-The build trains the VAE on single frames from a per-frame start, so its time-upsampling convolutions still pass
-the latest frame through and the decoder repeats every frame after the first. Here the bundled VAE is trained on
-whole clips with everything but the temporal weights frozen: the 3x3x3 causal convolutions' weights over the two
-earlier frames (their current-frame weights keep their values) and the resampling time convolutions. A fresh
-AdamW with a linear warm-up (``--warmup``) starts at the switch to clips.
+The build's VAE stage trains on single frames from a per-frame start, which leaves its time-upsampling
+convolutions passing the latest frame through: that decoder repeats every frame after the first. Here a VAE in that
+state is trained on whole clips with everything but the temporal weights frozen
+(:func:`flowalign.zoo.build_shapes_wan.temporal_parameters`): ``--part decoder`` (the build's
+``train_decoder_time`` stage; the encoder, hence the latents, do not change) or ``--part both`` (the encoder's
+temporal weights too, which changes the latents a transformer was trained on). A fresh AdamW with a linear
+warm-up (``--warmup``) starts at the switch to clips.
 
 Before and after, on ``--eval-n`` held-out clips: round-trip MSE, the ``shapes-video`` verifier on the round
 trips, the fraction of frames showing every captioned object, and ``pair_change``: the mean absolute difference
 between decoded frames 2k-1 and 2k (0 when frames repeat; ``truth_pair_change`` is the same on the clips).
 
-    python benchmarks/bench_wan_vae_temporal.py [--steps 200] [--lr 1e-4] [--batch 2]
+    python benchmarks/bench_wan_vae_temporal.py [--part decoder|both] [--steps 200] [--lr 1e-4] [--batch 2]
+    python benchmarks/bench_wan_vae_temporal.py --write   # the build's stage on a single-frame VAE, saved to
+                                                           # the bundled shapes-wan (see --help)
 
-Results: ``benchmarks/results/wan_vae_temporal.json``.
+Results: ``benchmarks/results/wan_vae_temporal_<part>.json``.
 """
 
 from __future__ import annotations
@@ -26,46 +30,46 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from flowalign.zoo import build_shapes_wan as bw
 from flowalign.zoo import path, shapes_video
 from flowalign.zoo.build_shapes import _cosine_lr
-from flowalign.zoo.build_shapes_wan import _windows, round_trip_quality
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def temporal_parameters(vae) -> list[tuple[torch.nn.Parameter, torch.Tensor | None]]:
-    """(parameter, gradient mask or None) for every temporal weight; freezes every other parameter."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
-
-    vae.requires_grad_(False)
-    out = []
-    for m in vae.modules():
-        if isinstance(m, WanResample) and hasattr(m, "time_conv"):
-            for p in m.time_conv.parameters():
-                out.append((p.requires_grad_(True), None))
-        elif isinstance(m, WanCausalConv3d) and tuple(m.kernel_size) == (3, 3, 3):
-            mask = torch.ones_like(m.weight)
-            mask[:, :, -1] = 0  # the current frame's weights stay as single-frame training left them
-            out.append((m.weight.requires_grad_(True), mask))
-    return out
-
-
-def pair_change(clips: torch.Tensor) -> float:
-    """Mean |x[2k] - x[2k-1]| over (N, F, 3, H, W) clips."""
-    return (clips[:, 2::2] - clips[:, 1:-1:2]).abs().mean().item()
 
 
 def evaluate(vae, clips, captions) -> dict:
     vae.eval()
     with torch.no_grad():
-        quality, rec = round_trip_quality(vae, clips, captions)
-    return {**quality, "pair_change": round(pair_change(rec), 4)}
+        quality, rec = bw.round_trip_quality(vae, clips, captions)
+    return {**quality, "pair_change": round(bw.frame_pair_change(rec), 4)}
+
+
+def write_bundled(vae_dir: Path) -> dict:
+    """Run the build's ``train_decoder_time`` stage (its settings, clips and seed) on the single-frame VAE in
+    ``vae_dir`` and save the result there: what ``flowalign zoo build --only shapes-wan`` now produces from the
+    same single-frame VAE, without retraining the transformer (the encoder, hence its latents, are unchanged)."""
+    from diffusers import AutoencoderKLWan
+
+    cfg = bw.WanBuildConfig()
+    torch.set_num_threads(cfg.threads)
+    vae = AutoencoderKLWan.from_pretrained(vae_dir)
+    probe, probe_captions, _ = shapes_video.dataset(4, "test", seed=7, size=cfg.size, frames=cfg.frames)
+    if evaluate(vae, probe, probe_captions)["pair_change"] > 0:
+        raise SystemExit(f"{vae_dir}'s decoder already gives distinct frames; start from a single-frame VAE.")
+    clips, _, _ = shapes_video.dataset(cfg.n_train_clips, "train", seed=cfg.seed, size=cfg.size, frames=cfg.frames)
+    info = bw.train_decoder_time(cfg, vae, clips)
+    vae.save_pretrained(vae_dir, safe_serialization=True)
+    config = json.loads((vae_dir / "config.json").read_text())
+    config.pop("_name_or_path", None)  # this machine's path has no place in the bundle
+    (vae_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return info
 
 
 def main(argv=None) -> dict:
     from diffusers import AutoencoderKLWan
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=("decoder", "both"), default="decoder")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=50)
@@ -73,23 +77,27 @@ def main(argv=None) -> dict:
     p.add_argument("--train-clips", type=int, default=2000)
     p.add_argument("--eval-n", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(RESULTS / "wan_vae_temporal.json"))
+    p.add_argument("--vae", default=str(Path(path("shapes-wan")) / "vae"), help="a single-frame shapes-wan VAE")
+    p.add_argument("--write", action="store_true", help="run the build's stage on --vae and save it there")
+    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.write:
+        return write_bundled(Path(args.vae))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    vae = AutoencoderKLWan.from_pretrained(Path(path("shapes-wan")) / "vae")
+    vae = AutoencoderKLWan.from_pretrained(args.vae)
     clips, _, _ = shapes_video.dataset(args.train_clips, "train", seed=1, size=32, frames=9)
     test, test_captions, _ = shapes_video.dataset(args.eval_n, "test", seed=7, size=32, frames=9)
     rows = [{"step": 0, **evaluate(vae, test, test_captions)}]
     print(json.dumps(rows[-1]), flush=True)
-    params = temporal_parameters(vae)
+    params = bw.temporal_parameters(vae if args.part == "both" else vae.decoder)
     opt = torch.optim.AdamW([p for p, _ in params], lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, args.steps, warmup=args.warmup))
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     vae.train()
-    for step in tqdm(range(args.steps), desc="temporal weights"):
-        x = _windows(clips, args.batch, 9, g)
+    for step in tqdm(range(args.steps), desc=f"temporal weights ({args.part})"):
+        x = bw._windows(clips, args.batch, 9, g)
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
         loss = F.mse_loss(rec, x)
         opt.zero_grad(set_to_none=True)
@@ -104,9 +112,10 @@ def main(argv=None) -> dict:
                          **evaluate(vae, test, test_captions)})
             print(json.dumps(rows[-1]), flush=True)
             vae.train()
-    result = {"args": vars(args), "truth_pair_change": round(pair_change(test), 4), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    result = {"args": vars(args), "truth_pair_change": round(bw.frame_pair_change(test), 4), "rows": rows}
+    out = Path(args.out or RESULTS / f"wan_vae_temporal_{args.part}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     return result
 
 

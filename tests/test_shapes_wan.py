@@ -14,8 +14,8 @@ from flowalign.zoo import build_shapes_wan as bw
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("zoo")
     cfg = bw.WanBuildConfig(n_train_clips=24, vae_steps=2, vae_frame_steps=1, vae_frame_batch=4, vae_batch=2,
-                            vae_eval_every=1, vae_eval_n=2, wan_steps=3, wan_batch=4, eval_every=0, recon_n=4,
-                            threads=1)
+                            vae_eval_every=1, vae_eval_n=2, decoder_time_steps=2, decoder_time_warmup=1, wan_steps=3,
+                            wan_batch=4, eval_every=0, recon_n=4, threads=1)
     report = bw.build(cfg, out_root=out)
     return out / "shapes-wan", report
 
@@ -28,6 +28,8 @@ def test_build_writes_a_loadable_pipeline_and_report(built):
         assert key in report
     recon = report["vae"]["recon_test"]
     assert 0.0 <= recon["verifier"] <= 1.0 and 0.0 <= recon["frames_ok"] <= 1.0 and recon["mse"] > 0
+    assert recon["pair_change"] >= 0 and recon["truth_pair_change"] > 0
+    assert report["vae"]["decoder_time"]["final_mse"] > 0
     assert [row["step"] for row in report["vae"]["curve"]] == [1, 2]
     assert (path.parent / "build_report_shapes-wan.json").exists()
     assert not (path.parent / "shapes-wan.tmp").exists()
@@ -63,6 +65,29 @@ def test_a_killed_vae_stage_resumes_to_the_uninterrupted_weights(tmp_path, monke
     # a checkpoint written with other VAE settings is not resumed
     other = bw.WanBuildConfig(n_train_clips=8, vae_steps=4, vae_batch=2, vae_eval_every=0, vae_lr=5e-4)
     assert bw._vae_key(other) != bw._vae_key(cfg)
+
+
+def test_the_decoder_time_stage_trains_only_the_decoders_temporal_weights():
+    from flowalign.zoo import shapes_video
+
+    torch.set_num_threads(1)
+    clips, _, _ = shapes_video.dataset(6, "train", seed=0, size=32, frames=9)
+    vae = bw.shapes_wan_vae(0).eval()  # the per-frame start: its decoder repeats every frame after the first
+    with torch.no_grad():
+        before = vae.decode(vae.encode(bw.to_vae(clips[:2])).latent_dist.mode()).sample.permute(0, 2, 1, 3, 4)
+    assert bw.frame_pair_change(before) == 0
+    start = {k: v.clone() for k, v in vae.state_dict().items()}
+    cfg = bw.WanBuildConfig(decoder_time_steps=3, decoder_time_warmup=1, decoder_time_lr=1e-2)
+    bw.train_decoder_time(cfg, vae, clips)
+    changed = {k for k, v in vae.state_dict().items() if not torch.equal(v, start[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed)
+    for name, m in vae.decoder.named_modules():  # the current frame's weights of each 3x3x3 conv keep their values
+        if type(m).__name__ == "WanCausalConv3d" and tuple(m.kernel_size) == (3, 3, 3):
+            assert torch.equal(m.weight[:, :, -1], start[f"decoder.{name}.weight"][:, :, -1]), name
+    assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
+    with torch.no_grad():
+        after = vae.decode(vae.encode(bw.to_vae(clips[:2])).latent_dist.mode()).sample.permute(0, 2, 1, 3, 4)
+    assert bw.frame_pair_change(after) > 0
 
 
 def test_vae_latent_statistics_normalise_the_training_latents(built):

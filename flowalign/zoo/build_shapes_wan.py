@@ -7,8 +7,9 @@ A tiny Wan 2.1 pipeline (a diffusers ``WanPipeline`` folder) trained on clips of
    9 frames -> 5 latent frames), started as a per-frame autoencoder and trained on batches of single frames of the
    training clips (:func:`train_vae` says why) by MSE and a small KL; per-channel ``latents_mean`` /
    ``latents_std`` from the training clips, as the pipeline reads them. Single frames never train the
-   time-upsampling convolutions, which the per-frame start makes pass the latest frame through, so the decoder
-   repeats every frame after the first (5 distinct frames in 9; a known limitation);
+   time-upsampling convolutions, which the per-frame start makes pass the latest frame through, so that decoder
+   repeats every frame after the first; :func:`train_decoder_time` then trains the decoder's temporal weights
+   alone on whole clips, so that its frames differ, and leaves the encoder (hence the latents) as it was;
 2. a tiny ``WanTransformer3DModel`` (patch (1, 4, 4): 5 x 4 x 4 = 80 tokens) trained by rectified-flow matching with
    logit-normal timesteps, 10% caption dropout (the empty prompt, the pipeline's default negative prompt) and an
    EMA, conditioned by a frozen, randomly initialised tiny UMT5 encoder whose word-level tokenizer is made in code
@@ -61,6 +62,11 @@ class WanBuildConfig:
     vae_eval_every: int = 200  # held-out round-trip quality during the VAE stage (0: off)
     vae_eval_n: int = 40
     vae_save_every: int = 100  # steps between VAE-stage checkpoints (a killed build resumes from the last)
+    # then the decoder's temporal weights alone, on whole clips (see train_decoder_time)
+    decoder_time_steps: int = 200
+    decoder_time_batch: int = 2
+    decoder_time_lr: float = 1e-4
+    decoder_time_warmup: int = 50
     recon_n: int = 120  # held-out clips for the VAE's round-trip verifier accuracy
     threads: int = 2
 
@@ -247,6 +253,64 @@ def to_vae(clips: torch.Tensor) -> torch.Tensor:
     return (clips * 2 - 1).permute(0, 2, 1, 3, 4).contiguous()
 
 
+def temporal_parameters(module) -> list[tuple[torch.nn.Parameter, torch.Tensor | None]]:
+    """``(parameter, gradient mask or None)`` for every temporal weight in ``module`` (a Wan VAE or a part of
+    it): the resampling time convolutions, and the 3x3x3 causal convolutions' weights over the two earlier frames
+    (the mask keeps their current-frame weights, which single-frame training set, as they are). Every other
+    parameter of ``module`` is frozen."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+
+    module.requires_grad_(False)
+    out = []
+    for m in module.modules():
+        if isinstance(m, WanResample) and hasattr(m, "time_conv"):
+            out += [(p.requires_grad_(True), None) for p in m.time_conv.parameters()]
+        elif isinstance(m, WanCausalConv3d) and tuple(m.kernel_size) == (3, 3, 3):
+            mask = torch.ones_like(m.weight)
+            mask[:, :, -1] = 0
+            out.append((m.weight.requires_grad_(True), mask))
+    return out
+
+
+def train_decoder_time(cfg: WanBuildConfig, vae, clips: torch.Tensor) -> dict:
+    """Train the decoder's temporal weights (:func:`temporal_parameters`) on whole ``vae_frames``-long clips by
+    round-trip MSE, with everything else frozen, so that the decoded frames within each latent frame differ.
+    The encoder stays as single-frame training left it, so the latents (and a transformer trained on them) do not
+    change. A fresh AdamW with a linear warm-up: training the whole VAE on clips after single frames collapsed
+    the round trips (held-out verifier 0.45 -> 0.00), most likely because Adam met the temporal weights, which
+    had no gradient until then, with empty second moments and moved them all at once. ``vae`` is trained in
+    place and left in eval mode."""
+    params = temporal_parameters(vae.decoder)
+    opt = torch.optim.AdamW([p for p, _ in params], lr=cfg.decoder_time_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _cosine_lr(s, cfg.decoder_time_steps, warmup=cfg.decoder_time_warmup))
+    g = torch.Generator().manual_seed(cfg.seed + 4)
+    vae.train()
+    mse = torch.tensor(float("nan"))
+    bar = tqdm(range(cfg.decoder_time_steps), desc="shapes-wan decoder (time)", leave=False)
+    for _ in bar:
+        x = _windows(clips, cfg.decoder_time_batch, cfg.vae_frames, g)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+        mse = F.mse_loss(vae.decode(z).sample, x)
+        opt.zero_grad(set_to_none=True)
+        mse.backward()
+        for p, mask in params:
+            if mask is not None and p.grad is not None:
+                p.grad.mul_(mask)
+        opt.step()
+        sched.step()
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+    vae.eval().requires_grad_(False)
+    return {"final_mse": mse.item()}
+
+
+def frame_pair_change(clips: torch.Tensor) -> float:
+    """Mean absolute change between frames 2k-1 and 2k of (N, F, 3, H, W) clips: 0 when a decoder repeats each
+    frame of a latent frame."""
+    return (clips[:, 2::2] - clips[:, 1:-1:2]).abs().mean().item()
+
+
 # ----------------------------------------------------------------------------- stage 2: transformer
 def make_pipeline(cfg: WanBuildConfig, vae, transformer):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
@@ -353,9 +417,12 @@ def build(cfg: WanBuildConfig | None = None, out_root: Path = WEIGHTS) -> dict:
     out_root.mkdir(parents=True, exist_ok=True)
     checkpoint = out_root / "shapes-wan.vae.pt"
     vae, report["vae"] = train_vae(cfg, clips, checkpoint)
+    report["vae"]["decoder_time"] = train_decoder_time(cfg, vae, clips)
     report["vae"]["seconds"] = time.perf_counter() - t
     test, test_captions, _ = shapes_video.dataset(cfg.recon_n, "test", seed=7, size=cfg.size, frames=cfg.frames)
-    report["vae"]["recon_test"] = round_trip_quality(vae, test, test_captions)[0]
+    quality, rec = round_trip_quality(vae, test, test_captions)
+    report["vae"]["recon_test"] = {**quality, "pair_change": round(frame_pair_change(rec), 4),
+                                   "truth_pair_change": round(frame_pair_change(test), 4)}
     print("shapes-wan vae:", json.dumps(report["vae"]))
     t = time.perf_counter()
     tmp = out_root / "shapes-wan.tmp"
