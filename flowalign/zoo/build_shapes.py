@@ -42,11 +42,16 @@ class BuildConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
+    vae_stages: int = 2  # 2x down per stage after the first: 16x16 latents at 32 px
+    vae_channels: int = 4
     # Many small steps at a high lr: on 2 cores, batch 16 at lr 2e-3 reaches a lower held-out flow-matching loss
     # per CPU-second than batch 32/64 at lr 5e-4..4e-3 (benchmarks/README.md, "shapes-sd3 recipe").
     sd3_steps: int = 11000
     sd3_batch: int = 16
     sd3_lr: float = 2e-3
+    sd3_patch: int = 2
+    sd3_width: int = 128
+    sd3_layers: int = 4
     eval_every: int = 1375  # verifier accuracy of the EMA on held-out prompts during training (0: off)
     eval_per_category: int = 12
     sd3_ema: float = 0.995
@@ -160,14 +165,21 @@ def clip_retrieval_accuracy(model_dir: str | Path, split: str = "test", n_per_ca
 
 
 # ----------------------------------------------------------------------------- stage 2: VAE
-def train_vae(cfg: BuildConfig, images: torch.Tensor):
+def shapes_vae(size: int = 32, stages: int = 2, latent_channels: int = 4):
+    """shapes-sd3's VAE, freshly initialised: ``stages`` resolution levels (2: 2x down, 16x16x4 latents at 32 px)."""
     from diffusers import AutoencoderKL
 
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32,) + (64,) * (stages - 1),
+                         layers_per_block=1, latent_channels=latent_channels, norm_num_groups=16,
+                         down_block_types=("DownEncoderBlock2D",) * stages,
+                         up_block_types=("UpDecoderBlock2D",) * stages,
+                         use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
+                         sample_size=size)
+
+
+def train_vae(cfg: BuildConfig, images: torch.Tensor):
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=16, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, use_quant_conv=False, use_post_quant_conv=False,
-                        mid_block_add_attention=False, sample_size=cfg.size)
+    vae = shapes_vae(cfg.size, cfg.vae_stages, cfg.vae_channels)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.vae_steps))
     g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -214,14 +226,17 @@ def text_encoder_from_clip(clip_dir: Path):
     return te.eval()
 
 
-def shapes_transformer(size: int = 32):
-    """shapes-sd3's transformer, freshly initialised: patch 2 on the VAE's (size/2)^2 latents, 4 joint blocks."""
+def shapes_transformer(size: int = 32, patch: int = 2, width: int = 128, layers: int = 4, vae_factor: int = 2,
+                       latent_channels: int = 4):
+    """shapes-sd3's transformer, freshly initialised. The bundled one: patch 2 on the VAE's (size/2)^2 latents
+    (64 tokens), 4 joint blocks of width 128 (heads of 32)."""
     from diffusers import SD3Transformer2DModel
 
-    return SD3Transformer2DModel(sample_size=size // 2, patch_size=2, in_channels=4, num_layers=4,
-                                 attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
-                                 caption_projection_dim=128, pooled_projection_dim=128, out_channels=4,
-                                 pos_embed_max_size=size // 4)
+    side = size // vae_factor
+    return SD3Transformer2DModel(sample_size=side, patch_size=patch, in_channels=latent_channels, num_layers=layers,
+                                 attention_head_dim=32, num_attention_heads=width // 32, joint_attention_dim=128,
+                                 caption_projection_dim=width, pooled_projection_dim=128,
+                                 out_channels=latent_channels, pos_embed_max_size=side // patch)
 
 
 @torch.no_grad()
@@ -265,7 +280,9 @@ def train_sd3(cfg: BuildConfig, images: torch.Tensor, captions: list[str], vae, 
     te = text_encoder_from_clip(clip_dir)
     tok = tokenizer()
     torch.manual_seed(cfg.seed)
-    transformer = shapes_transformer(cfg.size)
+    transformer = shapes_transformer(cfg.size, cfg.sd3_patch, cfg.sd3_width, cfg.sd3_layers,
+                                     vae_factor=2 ** (len(vae.config.block_out_channels) - 1),
+                                     latent_channels=vae.config.latent_channels)
     pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(
         shift=1.0), text_encoder=te, tokenizer=tok, text_encoder_2=copy.deepcopy(te), tokenizer_2=tokenizer(),
         text_encoder_3=None, tokenizer_3=None)
