@@ -272,25 +272,27 @@ def temporal_parameters(module) -> list[tuple[torch.nn.Parameter, torch.Tensor |
     return out
 
 
-def train_decoder_time(cfg: WanBuildConfig, vae, clips: torch.Tensor) -> dict:
+def train_decoder_time(cfg: WanBuildConfig, vae, clips: torch.Tensor, encoder_too: bool = False,
+                       callback=None) -> dict:
     """Train the decoder's temporal weights (:func:`temporal_parameters`) on whole ``vae_frames``-long clips by
     round-trip MSE, with everything else frozen, so that the decoded frames within each latent frame differ.
     The encoder stays as single-frame training left it, so the latents (and a transformer trained on them) do not
-    change. A fresh AdamW with a linear warm-up: training the whole VAE on clips after single frames collapsed
-    the round trips (held-out verifier 0.45 -> 0.00), most likely because Adam met the temporal weights, which
-    had no gradient until then, with empty second moments and moved them all at once. ``vae`` is trained in
-    place and left in eval mode."""
-    params = temporal_parameters(vae.decoder)
+    change; ``encoder_too`` trains the encoder's temporal weights as well (a comparison in
+    ``benchmarks/bench_wan_vae_temporal.py``). A fresh AdamW with a linear warm-up: training the whole VAE on clips
+    after single frames collapsed the round trips (held-out verifier 0.45 -> 0.00), most likely because Adam met
+    the temporal weights, which had no gradient until then, with empty second moments and moved them all at once.
+    ``callback(step)`` runs after each step. ``vae`` is trained in place and left in eval mode."""
+    params = temporal_parameters(vae if encoder_too else vae.decoder)
     opt = torch.optim.AdamW([p for p, _ in params], lr=cfg.decoder_time_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _cosine_lr(s, cfg.decoder_time_steps, warmup=cfg.decoder_time_warmup))
     g = torch.Generator().manual_seed(cfg.seed + 4)
-    vae.train()
     mse = torch.tensor(float("nan"))
     bar = tqdm(range(cfg.decoder_time_steps), desc="shapes-wan decoder (time)", leave=False)
-    for _ in bar:
+    for step in bar:
+        vae.train()
         x = _windows(clips, cfg.decoder_time_batch, cfg.vae_frames, g)
-        with torch.no_grad():
+        with torch.set_grad_enabled(encoder_too):
             z = vae.encode(x).latent_dist.mode()
         mse = F.mse_loss(vae.decode(z).sample, x)
         opt.zero_grad(set_to_none=True)
@@ -301,6 +303,8 @@ def train_decoder_time(cfg: WanBuildConfig, vae, clips: torch.Tensor) -> dict:
         opt.step()
         sched.step()
         bar.set_postfix(mse=f"{mse.item():.4f}")
+        if callback is not None:
+            callback(step + 1)
     vae.eval().requires_grad_(False)
     return {"final_mse": mse.item()}
 
