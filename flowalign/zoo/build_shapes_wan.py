@@ -151,7 +151,8 @@ def train_vae(cfg: WanBuildConfig, clips: torch.Tensor, checkpoint: Path | None 
     (:func:`start_per_frame`) on batches of single frames, the rest on random ``vae_frames``-long windows of whole
     clips. By default every step is on single frames: the per-frame start then stays a causal video VAE whose
     latent frames each hold one frame (the resampling shortcut averages in the other), which passes 45% of
-    held-out clip round trips after 400 steps. Clip steps have not helped yet: from the start (two scenes per
+    held-out clip round trips after 400 steps; :func:`train_decoder_time` then trains the decoder's temporal
+    weights on clips. Clip steps here, on the whole VAE, have not helped: from the start (two scenes per
     batch where single frames give 32), round trips were still colourless blobs after 72,000 frames; after 400
     single-frame steps, 200 clip steps took the held-out verifier from 0.45 to 0.00, most likely because Adam
     meets the temporal weights, which had no gradient until then, with empty second moments and moves them all at
