@@ -62,7 +62,7 @@ def run(algo: str, overrides: list[str], tag: str = "") -> dict:
                    "samples_per_s": n * len(epochs) / sum(r["time/epoch_s"] for r in epochs),
                    "rollout_samples_per_s": n * len(epochs) / sum(r["time/rollout_s"] for r in epochs),
                    "train_samples_per_s": n * len(epochs) / sum(r["time/train_s"] for r in epochs),
-                   "optimizer_steps": history[-1]["step"], "run": str(out.relative_to(ROOT))})
+                   "optimizer_steps": history[-1]["step"], "run": str(out.relative_to(ROOT)), "overrides": overrides})
     return result
 
 
@@ -98,8 +98,11 @@ def main() -> None:
     tag = f"-{args.tag}" if args.tag else ""
     results = {a: run(a, args.overrides, tag) for a in args.algos}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"alignment_shapes{tag}.json").write_text(json.dumps(results, indent=2))
-    plot(results, RESULTS / f"alignment_shapes{tag}.png")
+    path = RESULTS / f"alignment_shapes{tag}.json"
+    # runs of other algorithms under the same tag (say, --algos crd after --algos grpo) are kept, not overwritten
+    merged = {**(json.loads(path.read_text()) if path.exists() else {}), **results}
+    path.write_text(json.dumps(merged, indent=2))
+    plot(merged, path.with_suffix(".png"))
     for algo, res in results.items():
         s = res["summary"]
         print(f"{algo}: {res['seconds']:.0f} s, {res['optimizer_steps']} steps, {res['samples_per_s']:.1f} samples/s "

@@ -56,6 +56,7 @@ def _eval_parser(sub) -> None:
                                    "category. Without --prompts-file the prompts are the shapes world's (balanced "
                                    "over single/counting/colors/position) and the categories are reported.")
     e.add_argument("--model", default="shapes-sd3", help="Model to evaluate (default shapes-sd3).")
+    e.add_argument("--lora", help="A LoRA to load into the model first (a training run's lora/ folder).")
     e.add_argument("--reward", help="Reward name or module:Class (default: the world's verifier, shapes-geneval for "
                                     "image models, shapes-video for video models).")
     e.add_argument("--split", default="test", choices=["train", "test"], help="The world's split (default test).")
@@ -304,6 +305,8 @@ def cmd_eval(args) -> int:
     from flowalign.evaluation import evaluate, format_table, shapes_prompts, shapes_video_prompts, write_report
 
     model = fa.load_model(args.model, device=_device(None))
+    if args.lora:
+        model.load_lora(args.lora)
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.exists():

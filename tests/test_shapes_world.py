@@ -59,6 +59,34 @@ def test_eval_command_prints_per_category_accuracy(tmp_path, capsys):
     assert record["n"] == 8 and 0 <= record["overall"] <= 1 and (tmp_path / "grid.png").exists()
 
 
+def test_eval_command_loads_a_runs_lora(tmp_path, capsys):
+    from flowalign.cli import main
+
+    trained = fa.load_model("shapes-sd3")
+    trained.add_lora(rank=4)
+    with torch.no_grad():
+        for name, p in trained.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    trained.save_lora(tmp_path / "lora")
+    loaded = fa.load_model("shapes-sd3")
+    loaded.load_lora(tmp_path / "lora")
+    base = fa.load_model("shapes-sd3")
+    x = [fa.sample(m, ["a red circle"], num_steps=3, generator=gen(0)).images for m in (trained, loaded, base)]
+    assert torch.allclose(x[0], x[1], atol=1e-5) and (x[0] - x[2]).abs().max() > 1e-2
+
+    scores = []
+    for lora in (None, tmp_path / "lora"):
+        args = ["eval", "--n", "1", "--steps", "3", "--out", str(tmp_path / "eval")] + (["--lora", str(lora)] if lora
+                                                                                          else [])
+        assert main(args) == 0
+        scores.append(json.loads((tmp_path / "eval" / "eval.json").read_text()))
+    capsys.readouterr()
+    assert scores[0]["n"] == scores[1]["n"] == 4
+    with pytest.raises(FileNotFoundError, match="No LoRA"):
+        loaded.load_lora(tmp_path / "missing")
+
+
 def test_build_script_runs_end_to_end_on_a_tiny_budget(tmp_path):
     from flowalign.zoo.build_shapes import BuildConfig, build
 

@@ -284,6 +284,15 @@ class FlowModel:
         self.transformer.requires_grad_(False)
         self.transformer.add_adapter(cfg, adapter_name=adapter_name)
 
+    def load_lora(self, directory: str | os.PathLike) -> None:
+        """Load a LoRA saved by :meth:`save_lora` (a training run's ``lora/`` folder) into the transformer."""
+        path = os.fspath(directory)
+        if not os.path.isfile(os.path.join(path, "pytorch_lora_weights.safetensors")):
+            raise FileNotFoundError(f"No LoRA at {path!r}: expected pytorch_lora_weights.safetensors (a run's lora/).")
+        if not hasattr(self.pipe, "load_lora_weights"):
+            raise TypeError(f"{type(self.pipe).__name__} cannot load LoRA weights.")
+        self.pipe.load_lora_weights(path)
+
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
