@@ -75,14 +75,13 @@ def test_eval_command_loads_a_runs_lora(tmp_path, capsys):
     x = [fa.sample(m, ["a red circle"], num_steps=3, generator=gen(0)).images for m in (trained, loaded, base)]
     assert torch.allclose(x[0], x[1], atol=1e-5) and (x[0] - x[2]).abs().max() > 1e-2
 
-    scores = []
-    for lora in (None, tmp_path / "lora"):
-        args = ["eval", "--n", "1", "--steps", "3", "--out", str(tmp_path / "eval")] + (["--lora", str(lora)] if lora
-                                                                                          else [])
-        assert main(args) == 0
-        scores.append(json.loads((tmp_path / "eval" / "eval.json").read_text()))
+    grids = []
+    for name, extra in (("plain", []), ("lora", ["--lora", str(tmp_path / "lora")])):
+        assert main(["eval", "--n", "1", "--steps", "3", "--out", str(tmp_path / name), *extra]) == 0
+        assert json.loads((tmp_path / name / "eval.json").read_text())["n"] == 4
+        grids.append((tmp_path / name / "grid.png").read_bytes())
     capsys.readouterr()
-    assert scores[0]["n"] == scores[1]["n"] == 4
+    assert grids[0] != grids[1]  # the same prompts and seeds, sampled with and without the LoRA
     with pytest.raises(FileNotFoundError, match="No LoRA"):
         loaded.load_lora(tmp_path / "missing")
 
