@@ -48,6 +48,11 @@ SWEEPS = {
         "euphonium_b64": ("euphonium", []),
         "euphonium_b256": ("euphonium", BIG),
     },
+    # 2 CPU cores, one thread each: 256 rollouts per epoch (32 prompts x 8) in optimizer steps of 32 samples
+    "cpu": {
+        "grpo_32groups": ("grpo", ["groups_per_epoch=32", "lr=2e-3", "clip_range=1e-2", "beta=0.04"]),
+        "crd_32groups": ("crd", ["groups_per_epoch=32", "train_guidance_scale=4.0"]),
+    },
 }
 
 TRAIN = "import sys; from flowalign.cli import main; sys.exit(main(sys.argv[1:]))"
