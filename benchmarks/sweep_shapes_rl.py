@@ -51,6 +51,8 @@ SWEEPS = {
     # 2 CPU cores, one thread each: 256 rollouts per epoch (32 prompts x 8) in optimizer steps of 32 samples
     "cpu": {
         "grpo_32groups": ("grpo", ["groups_per_epoch=32", "lr=2e-3", "clip_range=1e-2", "beta=0.04"]),
+        "grpo_32groups_same_noise": ("grpo", ["groups_per_epoch=32", "lr=2e-3", "clip_range=1e-2", "beta=0.04",
+                                              "same_noise=true"]),
         "crd_32groups": ("crd", ["groups_per_epoch=32", "train_guidance_scale=4.0"]),
     },
 }

@@ -140,6 +140,23 @@ def test_training_changes_every_trainable_parameter(tmp_path, schema, train):
     assert (tmp_path / "run" / "report.md").exists()
 
 
+@pytest.mark.parametrize("same_noise", [True, False])
+def test_grpo_same_noise_groups_branch_at_the_first_stochastic_step(tmp_path, monkeypatch, same_noise):
+    from flowalign.trainers.loop import Run
+
+    rollouts, rollout = [], Run.rollout
+    monkeypatch.setattr(Run, "rollout", lambda self, *a, **kw: rollouts.append(rollout(self, *a, **kw)) or rollouts[-1])
+    cfg = _tiny(tmp_path, GRPOConfig, task="grpo", num_steps=4, sde_window_size=2, sde_window_range=1.0,
+                same_noise=same_noise)
+    train_grpo(cfg)
+    traj = rollouts[0]
+    first = int(traj.stochastic.nonzero()[0])
+    x = traj.latents.view(2, 2, *traj.latents.shape[1:])  # (group, member, T + 1, ...)
+    shared = [bool(torch.equal(x[g, 0, : first + 1], x[g, 1, : first + 1])) for g in range(2)]
+    assert shared == [same_noise] * 2
+    assert not any(torch.equal(x[g, 0, first + 1], x[g, 1, first + 1]) for g in range(2))
+
+
 def test_grpo_recomputed_log_probs_are_on_policy(tmp_path):
     cfg = _tiny(tmp_path, GRPOConfig, task="grpo", beta=0.04)
     train_grpo(cfg)

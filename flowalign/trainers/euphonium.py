@@ -269,7 +269,8 @@ class Euphonium(GRPO):
         t0 = time.perf_counter()
         window = sde_window(cfg, shared)
         hook = self._hook(sde_mask(cfg.num_steps, cfg.sampler, window), window)
-        traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta, sde_window=window, guidance=hook)
+        traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta, sde_window=window, guidance=hook,
+                           same_noise_per_prompt=cfg.same_noise)
         rewards = run.score(traj)
         extra = {}
         with torch.no_grad():

@@ -8,7 +8,9 @@ Gaussians (the reference is the model with its LoRA adapter switched off: no sec
 
 Fast mode (Flow-GRPO-Fast / MixGRPO): ``sde_window_size > 0`` makes only a window of that many consecutive steps
 stochastic, placed at random within the first ``sde_window_range`` of the schedule each epoch; the other steps
-are ODE steps and only the window is trained.
+are ODE steps and only the window is trained. With ``same_noise`` the samples of a group start from one noise and
+branch at the window's first step (Flow-GRPO-Fast's branching), so their rewards differ only through the noise of
+the steps being trained.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class GRPOConfig(TrainConfig):
                                     "(0: every step).")
     sde_window_range: float = field(0.5, "Fast mode: the window starts at random within this leading fraction "
                                          "of the steps.")
+    same_noise: bool = field(False, "Start the samples of a prompt group from one initial noise, so that they share "
+                                    "the ODE steps before the first stochastic one and differ only by the "
+                                    "stochastic steps' noise, the actions that are trained (Flow-GRPO-Fast's "
+                                    "branching).")
     timestep_fraction: float = field(1.0, "Fraction of the stochastic steps trained per minibatch (drawn at random).")
     clip_range: float = field(1e-4, "PPO ratio clipping epsilon (Flow-GRPO: 1e-4 for SD3.5, 1e-3 for Wan).")
     beta: float = field(0.04, "KL weight to the reference policy (Flow-GRPO: 0.04 GenEval/OCR, 0.01 PickScore).")
@@ -77,7 +83,8 @@ class GRPO:
         cfg = self.cfg
         prompts, groups = run.epoch_prompts(shared)
         t0 = time.perf_counter()
-        traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta, sde_window=sde_window(cfg, shared))
+        traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta, sde_window=sde_window(cfg, shared),
+                           same_noise_per_prompt=cfg.same_noise)
         rewards = run.score(traj)
         t_rollout = time.perf_counter() - t0
         adv, all_rewards = run.advantages(rewards, groups.repeat_interleave(cfg.group_size), epoch, cfg.global_std,
