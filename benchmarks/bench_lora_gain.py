@@ -1,0 +1,78 @@
+"""Is an aligned LoRA better than the base on held-out shapes? A paired comparison on the same prompts and noise.
+
+    python benchmarks/bench_lora_gain.py RUN/lora [RUN2/lora ...] [--seeds 0 1] [--cfg 4] [--threads 2] [--tag T]
+
+Samples every held-out test-split prompt (118) once per noise seed with the base model and with each LoRA loaded,
+from the same initial noise, at 20 ODE steps, and scores them with the exact verifier. Because base and aligned
+samples share prompt and noise, the per-sample difference (-1, 0 or +1) gives the gain and its standard error
+(std of the differences / sqrt(n)), overall and per category; a gain of two standard errors or more is what
+benchmarks/README.md calls a clear margin. Writes ``results/lora_gain[_TAG].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def scores(model, prompts: list[str], seed: int, cfg: float | None) -> torch.Tensor:
+    import flowalign as fa
+    from flowalign.evaluation import evaluate
+
+    res = evaluate(model, fa.rewards.load("shapes-geneval"), prompts, num_steps=20, guidance_scale=cfg, seed=seed,
+                   progress=False, return_images=True)
+    return res["scores"]
+
+
+def paired(base: torch.Tensor, aligned: torch.Tensor, cats: list[str]) -> dict:
+    out = {}
+    for name in ["overall", *sorted(set(cats))]:
+        m = torch.tensor([name == "overall" or c == name for c in cats])
+        d = aligned[m] - base[m]
+        se = d.std(unbiased=True).item() / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+        out[name] = {"base": base[m].mean().item(), "aligned": aligned[m].mean().item(), "gain": d.mean().item(),
+                     "se": se, "n": int(m.sum())}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("loras", nargs="+", help="LoRA folders (a training run's lora/).")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's own, 4).")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import flowalign as fa
+    from flowalign.evaluation import shapes_prompts
+
+    prompts, cats = shapes_prompts("test", 50, seed=0)  # 50 per category: the whole split, 118 prompts
+    model = fa.load_model("shapes-sd3")
+    base = torch.cat([scores(model, prompts, s, args.cfg) for s in args.seeds])
+    all_cats = cats * len(args.seeds)
+    results = {"prompts": len(prompts), "seeds": args.seeds, "cfg": args.cfg, "loras": {}}
+    for lora in args.loras:
+        model = fa.load_model("shapes-sd3")
+        model.load_lora(lora)
+        aligned = torch.cat([scores(model, prompts, s, args.cfg) for s in args.seeds])
+        results["loras"][lora] = paired(base, aligned, all_cats)
+        print(lora)
+        for name, r in results["loras"][lora].items():
+            print(f"  {name:9s} {r['base']:.3f} -> {r['aligned']:.3f}  gain {r['gain']:+.3f} +- {r['se']:.3f}"
+                  f"  (n={r['n']})")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"lora_gain{'_' + args.tag if args.tag else ''}.json"
+    path.write_text(json.dumps(results, indent=1))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
