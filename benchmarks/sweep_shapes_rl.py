@@ -53,6 +53,9 @@ SWEEPS = {
         "grpo_32groups": ("grpo", ["groups_per_epoch=32", "lr=2e-3", "clip_range=1e-2", "beta=0.04"]),
         "grpo_32groups_same_noise": ("grpo", ["groups_per_epoch=32", "lr=2e-3", "clip_range=1e-2", "beta=0.04",
                                               "same_noise=true"]),
+        # branching at the first step: the window always starts at step 0, where a group's samples still diverge
+        "grpo_32groups_same_noise_w0": ("grpo", ["groups_per_epoch=32", "lr=2e-3", "clip_range=1e-2", "beta=0.04",
+                                                 "same_noise=true", "sde_window_range=0.1"]),
         "crd_32groups": ("crd", ["groups_per_epoch=32", "train_guidance_scale=4.0"]),
     },
 }
@@ -70,7 +73,7 @@ def launch(name: str, task: str, overrides: list[str], out: Path, threads: int, 
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def summarise(name: str, task: str, overrides: list[str], run_dir: Path, returncode: int | None) -> dict:
+def summarise(task: str, overrides: list[str], run_dir: Path, returncode: int | None) -> dict:
     path = run_dir / "metrics.jsonl"
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
     epochs = [r for r in rows if "time/epoch_s" in r]
@@ -121,12 +124,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "sweep"), help="Folder for the runs.")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Overrides applied to every run last.")
     ap.add_argument("--results", default=str(RESULTS), help="Folder for the summary JSON and PNG.")
+    ap.add_argument("--collect", action="store_true", help="Launch nothing: summarise the sweep's run folders "
+                                                           "already under --out (runs done one at a time).")
     args = ap.parse_args()
 
     runs = {k: v for k, v in SWEEPS[args.sweep].items() if not args.only or k in args.only}
     out = Path(args.out) / args.sweep
-    procs = {name: launch(name, task, ov + args.set, out, args.threads, args.device)
-             for name, (task, ov) in runs.items()}
+    if args.collect:
+        runs = {k: v for k, v in runs.items() if (out / k / "metrics.jsonl").exists()}
+    procs = {} if args.collect else {name: launch(name, task, ov + args.set, out, args.threads, args.device)
+                                     for name, (task, ov) in runs.items()}
     t0 = time.time()
     while time.time() - t0 < args.budget_s and any(p.poll() is None for p in procs.values()):
         time.sleep(5)
@@ -138,8 +145,9 @@ def main() -> None:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-    results = {name: summarise(name, task, ov, out / name, procs[name].returncode if procs[name].returncode
-                               not in (-signal.SIGTERM, -signal.SIGKILL) else None)
+    codes = {name: p.returncode if p.returncode not in (-signal.SIGTERM, -signal.SIGKILL) else None
+             for name, p in procs.items()}
+    results = {name: summarise(task, ov + args.set, out / name, codes.get(name))
                for name, (task, ov) in runs.items()}
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)

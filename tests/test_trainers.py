@@ -189,11 +189,11 @@ def test_short_toy2d_run_raises_the_reward(tmp_path, algo):
     assert last > first + 0.2, r
 
 
-@pytest.mark.parametrize("train_gs,zero_kl", [(4.0, True), (1.0, False)])
+@pytest.mark.parametrize("train_gs,zero_kl", [(None, True), (4.0, True), (1.0, False)])
 def test_crd_trains_the_velocity_its_cfg_rollouts_sample_with(tmp_path, train_gs, zero_kl):
     # CFG-4 rollouts, KL to the CFG-4 reference. Before the first optimizer step the LoRA is zero, so the policy
-    # is the reference: the KL is exactly 0 when the trained velocity is the CFG-4 one, and not when it is the
-    # conditional velocity (which sampling then guides a second time)
+    # is the reference: the KL is exactly 0 when the trained velocity is the CFG-4 one (the default: the rollouts'
+    # scale), and not when it is the conditional velocity (which sampling then guides a second time)
     cfg = _tiny(tmp_path, CRDConfig, task="crd", guidance_scale=4.0, kl_guidance_scale=4.0, kl_beta=0.5,
                 train_guidance_scale=train_gs)
     train_crd(cfg)

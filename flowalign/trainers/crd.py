@@ -14,9 +14,9 @@ latents through ``x_t = (1 - sigma) x0 + sigma eps``. Each epoch:
    ``p* ∝ p_ref exp(R / beta)``);
 3. add the KL anchor ``kl_beta * w(R) * ||v_theta - v_ref^CFG||^2`` to the pretrained model's **CFG-guided**
    velocity (the LoRA switched off), with the reward-adaptive weight ``w(R) = min_coef + R (1 - min_coef)``;
-   ``v_theta`` (and ``v_old``) are the conditional velocity by default, the paper's choice for CFG-free rollouts;
-   with rollouts at CFG g, ``train_guidance_scale: g`` trains the CFG-combined velocity the rollouts sample
-   with (else the KL pulls the conditional velocity toward a guided one and sampling guides it a second time);
+   ``v_theta`` (and ``v_old``) are the velocity the rollouts sample with: the conditional one for CFG-free
+   rollouts (the paper's setting), the CFG-combined one for rollouts at CFG g (training the conditional
+   velocity there would let the KL pull it toward the guided reference, and sampling would guide it again);
 4. after each optimizer step move the old and sampling snapshots toward the weights with their decay schedules.
 
 Batches hold whole prompt groups so that centring stays within a prompt.
@@ -47,10 +47,10 @@ class CRDConfig(TrainConfig):
     kl_beta: float = field(0.1, "Weight of the KL anchor to the CFG-guided pretrained velocity (0: off).")
     kl_min_coef: float = field(0.1, "Reward-adaptive KL: per-sample weight min_coef + R (1 - min_coef).")
     kl_guidance_scale: float | None = field(None, "CFG scale of the KL reference; null = the model's default.")
-    train_guidance_scale: float = field(1.0, "CFG scale of the trained velocity (implicit reward and KL). 1: the "
-                                             "conditional velocity (the paper's, for CFG-free rollouts); with "
-                                             "rollouts at CFG g > 1, set g here too so that the policy trained "
-                                             "is the one sampled.")
+    train_guidance_scale: float | None = field(None, "CFG scale of the trained velocity (implicit reward and KL); "
+                                                     "null = the rollouts' guidance_scale, so that the policy "
+                                                     "trained is the one sampled (CFG-free rollouts, the paper's: "
+                                                     "the conditional velocity).")
     train_timesteps: int = field(4, "Noise levels drawn per sample and epoch.")
     timestep_shift: float = field(3.0, "Training sigmas: shift * t / (1 + (shift - 1) t) with t ~ U(0, 1) "
                                        "(the SD3 time shift; CRD uses 3).")
@@ -66,8 +66,8 @@ class CRDConfig(TrainConfig):
         _require(self.beta > 0, "beta", self.beta, "must be > 0", "beta=1.0")
         _require(self.kl_beta >= 0, "kl_beta", self.kl_beta, "must be >= 0", "kl_beta=0.1")
         _require(0 <= self.kl_min_coef <= 1, "kl_min_coef", self.kl_min_coef, "must lie in [0, 1]", "kl_min_coef=0.1")
-        _require(self.train_guidance_scale >= 1, "train_guidance_scale", self.train_guidance_scale, "must be >= 1",
-                 "train_guidance_scale=1.0")
+        _require(self.train_guidance_scale is None or self.train_guidance_scale >= 1, "train_guidance_scale",
+                 self.train_guidance_scale, "must be >= 1 (or null)", "train_guidance_scale=null")
         _require(self.train_timesteps >= 1, "train_timesteps", self.train_timesteps, "must be >= 1",
                  "train_timesteps=4")
         _require(self.timestep_shift > 0, "timestep_shift", self.timestep_shift, "must be > 0", "timestep_shift=3")
@@ -116,7 +116,9 @@ class CRD:
         sample_groups = groups.repeat_interleave(cfg.group_size)
         adv, all_rewards = run.advantages(rewards, sample_groups, epoch, cfg.global_std, cfg.adv_clip)
         r01 = advantage_to_unit(adv, cfg.adv_clip)
-        kl_gs, train_gs = model.guidance_or_default(cfg.kl_guidance_scale), cfg.train_guidance_scale
+        kl_gs = model.guidance_or_default(cfg.kl_guidance_scale)
+        train_gs = model.guidance_or_default(cfg.guidance_scale if cfg.train_guidance_scale is None
+                                             else cfg.train_guidance_scale)
         cond = traj.cond
         need_cfg = max(train_gs, kl_gs if cfg.kl_beta > 0 else 1.0)
         if need_cfg > 1 and cond.uncond is None:  # CFG-free rollouts: a CFG reference or policy needs the uncond half
