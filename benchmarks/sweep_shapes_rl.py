@@ -56,6 +56,7 @@ SWEEPS = {
         # branching at the first step: the window always starts at step 0, where a group's samples still diverge
         "grpo_32groups_same_noise_w0": ("grpo", ["groups_per_epoch=32", "lr=2e-3", "clip_range=1e-2", "beta=0.04",
                                                  "same_noise=true", "sde_window_range=0.1"]),
+        "grpo_32groups_lr3e-3": ("grpo", ["groups_per_epoch=32", "lr=3e-3", "clip_range=1e-2", "beta=0.04"]),
         "crd_32groups": ("crd", ["groups_per_epoch=32", "train_guidance_scale=4.0"]),
     },
 }
