@@ -79,8 +79,10 @@ def summarise(task: str, overrides: list[str], run_dir: Path, returncode: int | 
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
     epochs = [r for r in rows if "time/epoch_s" in r]
     evals = [r for r in rows if "eval/shapes-geneval" in r]
+    cfg_path = run_dir / "config.yaml"
+    config = __import__("yaml").safe_load(cfg_path.read_text()) if cfg_path.exists() else None
     return {
-        "task": task, "overrides": overrides, "returncode": returncode, "epochs_done": len(epochs),
+        "task": task, "overrides": overrides, "config": config, "returncode": returncode, "epochs_done": len(epochs),
         "s_per_epoch": sum(r["time/epoch_s"] for r in epochs) / max(1, len(epochs)),
         "rollout_reward": [r["reward/mean"] for r in epochs],
         "eval": [{k: v for k, v in r.items() if k in ("epoch", "step", "time/total_s") or k.startswith("eval/")}
