@@ -145,7 +145,12 @@ def test_grpo_same_noise_groups_branch_at_the_first_stochastic_step(tmp_path, mo
     from flowalign.trainers.loop import Run
 
     rollouts, rollout = [], Run.rollout
-    monkeypatch.setattr(Run, "rollout", lambda self, *a, **kw: rollouts.append(rollout(self, *a, **kw)) or rollouts[-1])
+
+    def recording_rollout(self, *args, **kwargs):
+        rollouts.append(rollout(self, *args, **kwargs))
+        return rollouts[-1]
+
+    monkeypatch.setattr(Run, "rollout", recording_rollout)
     cfg = _tiny(tmp_path, GRPOConfig, task="grpo", num_steps=4, sde_window_size=2, sde_window_range=1.0,
                 same_noise=same_noise)
     train_grpo(cfg)

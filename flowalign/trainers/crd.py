@@ -121,7 +121,7 @@ class CRD:
                                              else cfg.train_guidance_scale)
         cond = traj.cond
         need_cfg = max(train_gs, kl_gs if cfg.kl_beta > 0 else 1.0)
-        if need_cfg > 1 and cond.uncond is None:  # CFG-free rollouts: a CFG reference or policy needs the uncond half
+        if need_cfg > 1 and traj.guidance_scale <= 1:  # CFG-free rollouts carry no uncond half; CFG > 1 needs it
             with torch.no_grad():
                 cond = model.encode(prompts, guidance_scale=need_cfg).repeat_interleave(cfg.group_size)
         n_groups = len(prompts)
