@@ -59,6 +59,14 @@ SWEEPS = {
         "grpo_32groups_lr3e-3": ("grpo", ["groups_per_epoch=32", "lr=3e-3", "clip_range=1e-2", "beta=0.04"]),
         "crd_32groups": ("crd", ["groups_per_epoch=32", "train_guidance_scale=4.0"]),
     },
+    # GRPO trained on the verifier's partial credit (shapes-geneval-partial), still judged by the strict verifier
+    "partial": {
+        "grpo_partial": ("grpo", ["groups_per_epoch=32", "lr=3e-3", "clip_range=1e-2", "beta=0.04",
+                                  "reward=shapes-geneval-partial"]),
+        "grpo_partial_same_noise_w0": ("grpo", ["groups_per_epoch=32", "lr=3e-3", "clip_range=1e-2", "beta=0.04",
+                                                "reward=shapes-geneval-partial", "same_noise=true",
+                                                "sde_window_range=0.1"]),
+    },
 }
 
 TRAIN = "import sys; from flowalign.cli import main; sys.exit(main(sys.argv[1:]))"

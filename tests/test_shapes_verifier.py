@@ -10,7 +10,16 @@ import pytest
 import torch
 
 import flowalign.rewards as fr
-from flowalign.rewards.shapes import Detection, ShapesVerifier, analyse, parse_caption, relation_holds, verify
+from flowalign.rewards.shapes import (
+    Detection,
+    ShapesPartialVerifier,
+    ShapesVerifier,
+    analyse,
+    parse_caption,
+    partial_score,
+    relation_holds,
+    verify,
+)
 from flowalign.zoo import shapes_data as sd
 from flowalign.zoo.shapes_data import COLORS, Obj, Spec
 
@@ -200,6 +209,45 @@ def test_strict_and_geneval_rules_on_extra_objects():
     assert not verify(image, "a red circle") and verify(image, "a red circle", strict=False)
     two = sd.render(Spec("counting", (Obj("red", "circle"),), count=2), 32, np.random.default_rng(0))
     assert not verify(two, "one red circle", strict=False) and verify(two, "two red circles", strict=False)
+
+
+def test_partial_credit_is_one_exactly_where_the_verifier_passes(gt32):
+    images, _, specs = gt32["test"]
+    found = [analyse(img) for img in images[:120]]
+    pairs = [(img, w, o) for img, s, o in zip(images, specs, found) for w in [s, *wrong_specs(s)]]
+    strict = np.array([verify(img, w, objects=o) for img, w, o in pairs])
+    partial = np.array([partial_score(img, w, objects=o) for img, w, o in pairs])
+    assert strict.sum() >= 100 and (~strict).sum() >= 200
+    assert ((partial == 1.0) == strict).all() and ((partial >= 0) & (partial <= 1)).all()
+    assert 0 < partial[~strict].mean() < 1  # near misses get some credit, not all
+
+
+def test_partial_credit_counts_missing_and_extra_objects_alike():
+    def det(color, shape, x=10.0, y=10.0):
+        return Detection(color, shape, x, y, 20.0, (0, 0, 1, 1), 0.0)
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    three = "three green triangles"
+    assert partial_score(image, three, objects=[det("green", "triangle")] * 2) == pytest.approx(2 / 3)
+    assert partial_score(image, three, objects=[det("green", "triangle")] * 3 + [det("red", "circle")]) == 0.75
+    assert partial_score(image, three, objects=[]) == 0.0
+    assert partial_score(image, "a red circle and a blue square", objects=[det("red", "circle")]) == 0.5
+    position = "a red circle to the left of a blue square"
+    left, right = det("red", "circle", x=6.0), det("blue", "square", x=24.0)
+    assert partial_score(image, position, objects=[left, right]) == 1.0
+    assert partial_score(image, position, objects=[det("red", "circle", x=26.0), right]) == 0.5
+    assert partial_score(image, position, objects=[left]) == 0.25  # half the objects, no pair to relate
+
+
+def test_partial_reward_is_registered_and_scores_like_the_function(gt32):
+    reward = fr.load("shapes-geneval-partial")
+    assert isinstance(reward, ShapesPartialVerifier) and reward.name == "shapes-geneval-partial"
+    images, captions, specs = gt32["train"]
+    x = images[:8]
+    wrong = [wrong_specs(s)[0].caption() for s in specs[:8]]
+    want = [partial_score(img.permute(1, 2, 0).numpy(), c) for img, c in zip(x, wrong)]
+    assert reward(x, wrong).tolist() == pytest.approx(want)
+    assert reward(x, captions[:8]).tolist() == [1.0] * 8
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -2,7 +2,7 @@
 
 Registered names (``available()``): ``clip``, ``pickscore``, ``hps``, ``aesthetic``, ``imagereward``,
 ``jpeg-compressibility``, ``jpeg-incompressibility``,
-``shapes-clip``, ``shapes-geneval``, ``shapes-video``,
+``shapes-clip``, ``shapes-geneval``, ``shapes-geneval-partial``, ``shapes-video``,
 ``frames``, ``motion``, ``temporal-consistency``, ``videoalign`` (video),
 ``latent`` (a trained noise-aware latent reward: ``path=RUN_DIR``). Heavy model code is imported when a reward is built.
 """
@@ -22,7 +22,7 @@ from flowalign.rewards.latent import (
 )
 from flowalign.rewards.pickscore import PickScore
 from flowalign.rewards.preprocess import resize_and_normalize
-from flowalign.rewards.shapes import ShapesVerifier  # noqa: F401  (registers "shapes-geneval")
+from flowalign.rewards.shapes import ShapesPartialVerifier, ShapesVerifier  # noqa: F401  (registers both)
 from flowalign.rewards.shapes_clip import ShapesClip
 from flowalign.rewards.shapes_video import ShapesVideoVerifier  # noqa: F401  (registers "shapes-video")
 from flowalign.rewards.video import FrameReward, MotionReward, TemporalConsistency, VideoAlignReward, VideoReward

@@ -267,6 +267,27 @@ def verify(image, spec: Spec | str, strict: bool = True, objects: list[Detection
     return bool(ok)
 
 
+def partial_score(image, spec: Spec | str, objects: list[Detection] | None = None) -> float:
+    """Partial credit in [0, 1] for ``image`` against ``spec``, 1.0 exactly where the strict ``verify`` passes.
+
+    Objects: the matched multiset of (colour, shape) over the larger of the wanted and the detected counts, so a
+    missing object and an extra one cost alike ("three green triangles" with two of them scores 2/3, with a
+    fourth 3/4). Position: the mean of that and the fraction of (A, B) pairs of matching objects in the captioned
+    relation (0 without both). A dense training signal for the 0/1 verifier, like GenEval's non-strict reward
+    (a group whose samples all fail strictly can still be ranked); the verifier stays the measure."""
+    spec = parse_caption(spec) if isinstance(spec, str) else spec
+    objects = analyse(image) if objects is None else objects
+    have = Counter((o.color, o.shape) for o in objects)
+    want = Counter((o.color, o.shape) for o in spec.objects for _ in range(spec.count))
+    score = sum((have & want).values()) / max(sum(want.values()), sum(have.values()))
+    if spec.category == "position":
+        size = min(np.shape(image)[-3:-1] if not torch.is_tensor(image) else image.shape[-2:])
+        a, b = ([o for o in objects if (o.color, o.shape) == (t.color, t.shape)] for t in spec.objects)
+        pairs = [relation_holds(p, q, spec.relation, size) for p in a for q in b]
+        score = (score + (sum(pairs) / len(pairs) if pairs else 0.0)) / 2
+    return float(score)
+
+
 @register("shapes-geneval")
 class ShapesVerifier(Reward):
     """1.0 where the image shows its caption (rules: module docstring), else 0.0. Not differentiable.
@@ -287,7 +308,10 @@ class ShapesVerifier(Reward):
             bad = (~finite).nonzero().flatten().tolist()
             raise ValueError(f"Reward {self.name!r}: images at batch indices {bad} have NaN or infinite pixels.")
         arr = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        return torch.tensor([float(verify(x, s, self.strict)) for x, s in zip(arr, specs)], device=images.device)
+        return torch.tensor([self.judge(x, s) for x, s in zip(arr, specs)], device=images.device)
+
+    def judge(self, image: np.ndarray, spec: Spec) -> float:
+        return float(verify(image, spec, self.strict))
 
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, prompts: str | list[str]) -> dict[str, float]:
@@ -297,3 +321,17 @@ class ShapesVerifier(Reward):
         cats = np.array([parse_caption(p).category for p in prompts])
         return {"overall": float(scores.mean()), **{c: float(scores[cats == c].mean()) for c in CATEGORIES
                                                      if (cats == c).any()}}
+
+
+@register("shapes-geneval-partial")
+class ShapesPartialVerifier(ShapesVerifier):
+    """The verifier's partial credit (:func:`partial_score`): 1.0 where the strict verifier passes, a fraction
+    for near misses (some objects right, an extra one, the relation wrong). A denser training reward than the 0/1
+    ``shapes-geneval``; its ``evaluate`` gives mean partial credit, so report accuracy with ``shapes-geneval``."""
+
+    def __init__(self):
+        super().__init__(strict=True)
+
+    def judge(self, image: np.ndarray, spec: Spec) -> float:
+        return partial_score(image, spec)
+
