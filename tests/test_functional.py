@@ -101,3 +101,17 @@ def test_cps_keeps_the_noise_level():
     mean, s = sde.cps_mean_std(x, flow.velocity_target(x0, eps), 0.6, sn, eta=eta)
     assert math.isclose((mean.item() ** 2 + s.item() ** 2) ** 0.5, sn, rel_tol=1e-5)
     assert math.isclose(s.item(), std, rel_tol=1e-6)
+
+
+def test_lr_schedules_warm_up_then_decay_to_the_final_fraction():
+    from flowalign.functional.schedule import lr_factor
+
+    assert [lr_factor("constant", e, 10, 2) for e in range(4)] == [1 / 3, 2 / 3, 1.0, 1.0]
+    cos = [lr_factor("cosine", e, 11, 2, final=0.1) for e in range(11)]
+    lin = [lr_factor("linear", e, 10, 0) for e in range(10)]
+    assert cos[2] == 1.0 and cos[-1] == pytest.approx(0.1) and cos[6] == pytest.approx(0.55)  # midway
+    assert all(a > b for a, b in zip(cos[2:], cos[3:]))
+    assert lin == pytest.approx([1 - e / 9 for e in range(10)])
+    assert lr_factor("cosine", 0, 1) == 1.0  # a one-epoch run is not decayed to nothing at once
+    with pytest.raises(ValueError, match="cosine"):
+        lr_factor("step", 0, 10)

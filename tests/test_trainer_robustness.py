@@ -32,9 +32,10 @@ from flowalign.trainers.grpo import GRPOConfig, train_grpo
 REPO = Path(__file__).resolve().parents[1]
 TRAINERS = {"grpo": (GRPOConfig, train_grpo), "crd": (CRDConfig, train_crd), "dmd": (DMDConfig, train_dmd),
             "flash-dmd": (FlashDMDConfig, train_flash_dmd)}
-# settings that make more state matter on resume: GRPO's EMA, CRD's old and (active) sampling snapshots, DMD's
-# critic and its optimizer
-EXTRA = {"grpo": {"ema_decay": 0.5}, "crd": {"train_timesteps": 2, "sampling_decay": "0-0.5-0.0-0.5"},
+# settings that make more state matter on resume: GRPO's EMA and a learning-rate schedule, CRD's old and (active)
+# sampling snapshots, DMD's critic and its optimizer
+EXTRA = {"grpo": {"ema_decay": 0.5, "lr_schedule": "cosine", "lr_warmup_epochs": 1, "lr_final": 0.5},
+         "crd": {"train_timesteps": 2, "sampling_decay": "0-0.5-0.0-0.5"},
          "dmd": {"student_steps": 2, "ttur": 2, "group_size": 1, "ema_decay": 0.5},
          "flash-dmd": {"student_steps": 2, "group_size": 1, "dm_sigma_min": 0.9, "disc": "critic", "real_pool": 4,
                        "rl_every": 2, "rl_candidates": 2, "critic_ema": 0.9}}

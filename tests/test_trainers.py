@@ -162,6 +162,13 @@ def test_grpo_same_noise_groups_branch_at_the_first_stochastic_step(tmp_path, mo
     assert not any(torch.equal(x[g, 0, first + 1], x[g, 1, first + 1]) for g in range(2))
 
 
+def test_lr_schedule_sets_each_epochs_learning_rate(tmp_path):
+    cfg = _tiny(tmp_path, GRPOConfig, task="grpo", epochs=3, lr_schedule="linear", lr_final=0.2)
+    train_grpo(cfg)
+    rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/lr"] for r in rec] == pytest.approx([1e-2, 0.6e-2, 0.2e-2])
+
+
 def test_grpo_recomputed_log_probs_are_on_policy(tmp_path):
     cfg = _tiny(tmp_path, GRPOConfig, task="grpo", beta=0.04)
     train_grpo(cfg)

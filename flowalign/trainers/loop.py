@@ -1,7 +1,8 @@
 """The training loop every generator trainer shares; an algorithm supplies only what one epoch does.
 
 ``Run`` owns what is common: Hugging Face accelerate (one process, or DDP with ``accelerate launch``; mixed
-precision), the model with a LoRA adapter or fully trainable, the optimizer, an EMA of the trainable weights,
+precision), the model with a LoRA adapter or fully trainable, the optimizer and its learning-rate schedule over
+epochs, an EMA of the trainable weights,
 prompts, grouped rollouts (K samples per prompt, group statistics gathered across processes), periodic
 evaluation on held-out prompts with the ODE sampler, logging (metrics.jsonl, TensorBoard, optionally Weights &
 Biases), a progress bar, atomic checkpoints, ``resume=latest``, and the final LoRA/weights and report.
@@ -32,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flowalign.config import DTYPES, ConfigError, _require, field, save_config
+from flowalign.functional.schedule import SCHEDULES, lr_factor
 
 FINETUNE = ("lora", "full")
 PRECISION = ("no", "bf16", "fp16")
@@ -68,6 +70,11 @@ class TrainConfig:
     train_batch_size: int = field(32, "Samples per optimizer step (keep equal to rollout_batch_size so that "
                                       "recomputed log-probs match the recorded ones bitwise).")
     lr: float = field(3e-4, "AdamW learning rate.")
+    lr_schedule: str = field("constant", "Learning rate over epochs: constant, cosine or linear (decay to "
+                                         "lr_final x lr at the last epoch; a resumed run keeps "
+                                         "it only with the same epochs).", choices=SCHEDULES)
+    lr_warmup_epochs: int = field(0, "Epochs of linear learning-rate warm-up before the schedule.")
+    lr_final: float = field(0.0, "Fraction of lr a cosine or linear schedule ends at.")
     weight_decay: float = field(0.0, "AdamW weight decay.")
     max_grad_norm: float = field(1.0, "Gradient-norm clipping (0: off).")
     finetune: str = field("lora", "lora: train a LoRA adapter (the reference policy is the adapter switched off); "
@@ -101,6 +108,9 @@ class TrainConfig:
                  "keep_checkpoints=2")
         _require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "must lie in [0, 1)", "ema_decay=0.9")
         _require(self.lr > 0, "lr", self.lr, "must be > 0", "lr=3e-4")
+        _require(self.lr_warmup_epochs >= 0, "lr_warmup_epochs", self.lr_warmup_epochs, "must be >= 0",
+                 "lr_warmup_epochs=0")
+        _require(0 <= self.lr_final <= 1, "lr_final", self.lr_final, "must lie in [0, 1]", "lr_final=0.1")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -264,6 +274,13 @@ class Run:
             raise FloatingPointError(f"The training loss is {loss.item()} at step {self.step}; lower the learning "
                                      f"rate or check the reward. The last checkpoint is untouched.")
         self.accelerator.backward(loss)
+
+    def set_lr(self, epoch: int) -> None:
+        """The learning rate of ``epoch`` under ``lr_schedule`` (a function of the epoch alone: resumes exactly)."""
+        cfg = self.cfg
+        lr = cfg.lr * lr_factor(cfg.lr_schedule, epoch, cfg.epochs, cfg.lr_warmup_epochs, cfg.lr_final)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def optimizer_step(self) -> float:
         """Clip, step, zero the gradients; returns the gradient norm before clipping."""
@@ -502,12 +519,14 @@ class Run:
         t_start = time.perf_counter()
         for epoch in bar:
             t0 = time.perf_counter()
+            self.set_lr(epoch)
             shared, local = self.generators(epoch)
             metrics = self.algorithm.epoch(self, epoch, shared, local)
             if self.ema is not None:
                 self.ema.update(cfg.ema_decay)
             self.epoch = epoch + 1
-            record = {"epoch": self.epoch, "step": self.step, **{k: _num(v) for k, v in metrics.items()},
+            record = {"epoch": self.epoch, "step": self.step, "train/lr": self.optimizer.param_groups[0]["lr"],
+                      **{k: _num(v) for k, v in metrics.items()},
                       "time/epoch_s": time.perf_counter() - t0, "time/total_s": time.perf_counter() - t_start}
             last = self.epoch == cfg.epochs
             if self.is_main and self.eval_prompts and (last or (cfg.eval_every and self.epoch % cfg.eval_every == 0)):
