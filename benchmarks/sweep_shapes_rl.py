@@ -59,6 +59,13 @@ SWEEPS = {
         "grpo_32groups_lr3e-3": ("grpo", ["groups_per_epoch=32", "lr=3e-3", "clip_range=1e-2", "beta=0.04"]),
         "crd_32groups": ("crd", ["groups_per_epoch=32", "train_guidance_scale=4.0"]),
     },
+    # the preference and reweighting recipes on the verifier's partial credit, 256 rollouts per epoch
+    "prefs": {
+        "rwr_partial": ("rwr", ["groups_per_epoch=32", "reward=shapes-geneval-partial"]),
+        "dpo_partial": ("dpo", ["groups_per_epoch=32", "reward=shapes-geneval-partial", "pairing=all",
+                                "pair_margin=0.25"]),
+        "d3po_partial": ("d3po", ["groups_per_epoch=64", "reward=shapes-geneval-partial"]),
+    },
     # GRPO trained on the verifier's partial credit (shapes-geneval-partial), still judged by the strict verifier
     "partial": {
         "grpo_partial": ("grpo", ["groups_per_epoch=32", "lr=3e-3", "clip_range=1e-2", "beta=0.04",

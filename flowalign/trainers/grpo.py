@@ -77,14 +77,21 @@ class GRPO:
     def __init__(self, cfg: GRPOConfig):
         self.cfg = cfg
 
+    def draw(self, run, shared: torch.Generator, local: torch.Generator):
+        """The epoch's prompts, their group ids and the rollouts: a function of the epoch's generators and the
+        weights alone (``benchmarks/replay_base_rollouts.py`` replays it with the base weights)."""
+        cfg = self.cfg
+        prompts, groups = run.epoch_prompts(shared)
+        traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta, sde_window=sde_window(cfg, shared),
+                           same_noise_per_prompt=cfg.same_noise)
+        return prompts, groups, traj
+
     def epoch(self, run, epoch: int, shared: torch.Generator, local: torch.Generator) -> dict:
         from flowalign.sampling.sampler import log_prob
 
         cfg = self.cfg
-        prompts, groups = run.epoch_prompts(shared)
         t0 = time.perf_counter()
-        traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta, sde_window=sde_window(cfg, shared),
-                           same_noise_per_prompt=cfg.same_noise)
+        _, groups, traj = self.draw(run, shared, local)
         rewards = run.score(traj)
         t_rollout = time.perf_counter() - t0
         adv, all_rewards = run.advantages(rewards, groups.repeat_interleave(cfg.group_size), epoch, cfg.global_std,
