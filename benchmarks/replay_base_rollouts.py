@@ -1,6 +1,6 @@
 """The base model on a GRPO run's own rollouts: the same prompts, SDE windows and noise, the LoRA at zero.
 
-    python benchmarks/replay_base_rollouts.py RUN_DIR [--epochs 1 40] [--threads 1]
+    python benchmarks/replay_base_rollouts.py RUN_DIR [--epochs 1 40] [--every 1] [--threads 1]
 
 A run's rollout reward per epoch (``reward/mean`` in metrics.jsonl) mixes the policy's progress with the draw of
 that epoch's prompts, which moves it by several hundredths from epoch to epoch. Every draw of an epoch is a
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("run", help="A grpo run folder (config.yaml and metrics.jsonl).")
     ap.add_argument("--epochs", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
                     help="Epochs to replay, 1-based and inclusive (default: every epoch the run logged).")
+    ap.add_argument("--every", type=int, default=1, help="Replay every this many epochs (from FIRST).")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
@@ -46,7 +47,7 @@ def main() -> None:
         algo = GRPO(cfg)
         run = Run(cfg, algo)
         rows = []
-        for epoch in tqdm(range(first, last + 1), desc="base rollouts"):
+        for epoch in tqdm(range(first, last + 1, args.every), desc="base rollouts"):
             shared, local = run.generators(epoch - 1)
             _, _, traj = algo.draw(run, shared, local)
             base = run.score(traj).mean().item()
@@ -58,7 +59,7 @@ def main() -> None:
     diffs = [r["run"] - r["base"] for r in rows if r["run"] is not None]
     out = {"run": str(run_dir), "epochs": rows, "mean_gain": sum(diffs) / max(1, len(diffs))}
     (run_dir / "base_rollouts.json").write_text(json.dumps(out, indent=1))
-    k = 10
+    k = max(1, 10 // args.every)  # blocks of about 10 epochs
     for i in range(0, len(rows), k):
         block = [r for r in rows[i:i + k] if r["run"] is not None]
         if block:

@@ -73,6 +73,9 @@ SWEEPS = {
         "grpo_partial_same_noise_w0": ("grpo", ["groups_per_epoch=32", "lr=3e-3", "clip_range=1e-2", "beta=0.04",
                                                 "reward=shapes-geneval-partial", "same_noise=true",
                                                 "sde_window_range=0.1"]),
+        "grpo_partial_same_noise_w0_lr1e-3": ("grpo", ["groups_per_epoch=32", "lr=1e-3", "clip_range=1e-2",
+                                                       "beta=0.04", "reward=shapes-geneval-partial",
+                                                       "same_noise=true", "sde_window_range=0.1"]),
     },
 }
 
