@@ -7,8 +7,10 @@ encoding, sampling and saving code in tests and in users' smoke tests (``flowali
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from functools import cache
 
@@ -63,7 +65,7 @@ def _learn_merges(words) -> list[tuple[str, str]]:
 
 @cache
 def clip_tokenizer_files(words: tuple[str, ...] = tuple(WORDS)) -> str:
-    """Write a CLIP BPE vocab.json/merges.txt to a temp dir and return the dir.
+    """Write a CLIP BPE vocab.json/merges.txt to a temp dir (removed when the process exits) and return the dir.
 
     The vocabulary is every byte symbol (with and without the ``</w>`` end-of-word marker) plus the merges
     learned on ``words``, so every listed word is a single token.
@@ -78,6 +80,7 @@ def clip_tokenizer_files(words: tuple[str, ...] = tuple(WORDS)) -> str:
             seen.add(a + b)
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     d = tempfile.mkdtemp(prefix="flowalign-clip-tok-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)  # read when a tokenizer is built; gone at exit
     with open(os.path.join(d, "vocab.json"), "w") as f:
         json.dump({t: i for i, t in enumerate(vocab_list)}, f)
     with open(os.path.join(d, "merges.txt"), "w") as f:
