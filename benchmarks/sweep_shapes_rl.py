@@ -4,8 +4,9 @@
 
 Each run of the named sweep is ``flowalign train configs/<task>/shapes.yaml`` with its overrides, in its own
 process, all started at once and stopped when the budget runs out (the metrics stream to each run's
-metrics.jsonl, so a stopped run keeps its curve). Every run optimises the exact verifier (``shapes-geneval``) at
-the base's CFG and evaluates all 118 held-out test prompts (``eval_num=200`` takes the whole split) with one fixed
+metrics.jsonl, so a stopped run keeps its curve). Every run optimises the exact verifier (``shapes-geneval``; the
+``partial`` and ``prefs`` sweeps its partial credit, ``shapes-geneval-partial``) at the base's CFG and evaluates
+all 118 held-out test prompts (``eval_num=200`` takes the whole split) with the strict verifier and one fixed
 noise seed. On a GPU machine the runs share the device; on 2 CPU cores run one or two at a time.
 
 Writes ``DIR/sweep_<name>.json`` (per run: the overrides, epochs done, seconds per epoch, the evaluation curve and
