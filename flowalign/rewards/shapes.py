@@ -251,8 +251,7 @@ def verify(image, spec: Spec | str, strict: bool = True, objects: list[Detection
     ``objects`` reuses an earlier ``analyse(image)``."""
     spec = parse_caption(spec) if isinstance(spec, str) else spec
     objects = analyse(image) if objects is None else objects
-    have = Counter((o.color, o.shape) for o in objects)
-    want = Counter((o.color, o.shape) for o in spec.objects for _ in range(spec.count))
+    have, want = _multisets(spec, objects)
     if strict:
         ok = have == want
     elif spec.category == "counting":
@@ -261,10 +260,22 @@ def verify(image, spec: Spec | str, strict: bool = True, objects: list[Detection
     else:
         ok = all(have[k] >= n for k, n in want.items())
     if ok and spec.category == "position":
-        size = min(np.shape(image)[-3:-1] if not torch.is_tensor(image) else image.shape[-2:])
-        a, b = ([o for o in objects if (o.color, o.shape) == (t.color, t.shape)] for t in spec.objects)
-        ok = all(relation_holds(p, q, spec.relation, size) for p in a for q in b)
+        ok = all(_pairs_in_relation(image, spec, objects))
     return bool(ok)
+
+
+def _multisets(spec: Spec, objects: list[Detection]) -> tuple[Counter, Counter]:
+    """(detected, wanted) multisets of (colour, shape)."""
+    have = Counter((o.color, o.shape) for o in objects)
+    want = Counter((o.color, o.shape) for o in spec.objects for _ in range(spec.count))
+    return have, want
+
+
+def _pairs_in_relation(image, spec: Spec, objects: list[Detection]) -> list[bool]:
+    """For every (A, B) pair of objects matching the position caption's two objects: whether A is in the relation."""
+    size = min(np.shape(image)[-3:-1] if not torch.is_tensor(image) else image.shape[-2:])
+    a, b = ([o for o in objects if (o.color, o.shape) == (t.color, t.shape)] for t in spec.objects)
+    return [relation_holds(p, q, spec.relation, size) for p in a for q in b]
 
 
 def partial_score(image, spec: Spec | str, objects: list[Detection] | None = None) -> float:
@@ -277,13 +288,10 @@ def partial_score(image, spec: Spec | str, objects: list[Detection] | None = Non
     (a group whose samples all fail strictly can still be ranked); the verifier stays the measure."""
     spec = parse_caption(spec) if isinstance(spec, str) else spec
     objects = analyse(image) if objects is None else objects
-    have = Counter((o.color, o.shape) for o in objects)
-    want = Counter((o.color, o.shape) for o in spec.objects for _ in range(spec.count))
+    have, want = _multisets(spec, objects)
     score = sum((have & want).values()) / max(sum(want.values()), sum(have.values()))
     if spec.category == "position":
-        size = min(np.shape(image)[-3:-1] if not torch.is_tensor(image) else image.shape[-2:])
-        a, b = ([o for o in objects if (o.color, o.shape) == (t.color, t.shape)] for t in spec.objects)
-        pairs = [relation_holds(p, q, spec.relation, size) for p in a for q in b]
+        pairs = _pairs_in_relation(image, spec, objects)
         score = (score + (sum(pairs) / len(pairs) if pairs else 0.0)) / 2
     return float(score)
 
@@ -334,4 +342,3 @@ class ShapesPartialVerifier(ShapesVerifier):
 
     def judge(self, image: np.ndarray, spec: Spec) -> float:
         return partial_score(image, spec)
-
