@@ -99,6 +99,12 @@ def _zoo_parser(sub) -> None:
     b.add_argument("--only", choices=["shapes-clip", "shapes-sd3", "shapes-wan", "toy2d"],
                    help="Build one artefact only (shapes-sd3 reuses the built shapes-clip).")
     b.add_argument("--out", help="Write into this folder instead of the package's zoo/weights.")
+    b.add_argument("--vae-from", metavar="DIR", help="shapes-wan only: skip the VAE stage and train the transformer "
+                   "on the VAE of this shapes-wan pipeline folder (e.g. the bundled one: `flowalign zoo path "
+                   "shapes-wan`).")
+    b.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="shapes-wan only: build settings (flowalign/zoo/build_shapes_wan.py WanBuildConfig), e.g. "
+                   "wan_patch=[1,2,2] wan_steps=6000.")
     b.set_defaults(func=cmd_zoo_build)
     pth = zs.add_parser("path", help="Print the folder of a bundled artefact.",
                         description="Print the folder of a bundled artefact (shapes-sd3, shapes-clip or shapes-wan).")
@@ -377,10 +383,15 @@ def cmd_train(args) -> int:
 def cmd_zoo_build(args) -> int:
     kwargs = {"out_root": Path(args.out)} if args.out else {}
     if args.only == "shapes-wan":
+        from flowalign.config import load_config
+        from flowalign.zoo.build_shapes_wan import WanBuildConfig
         from flowalign.zoo.build_shapes_wan import build as build_wan
 
-        build_wan(**kwargs)
+        vae_from = Path(args.vae_from) if args.vae_from else None
+        build_wan(load_config(WanBuildConfig, None, args.settings), vae_from=vae_from, **kwargs)
         return 0
+    if args.vae_from or args.settings:
+        raise ValueError("--vae-from and --set apply to `--only shapes-wan` alone.")
     from flowalign.zoo.build_shapes import build
 
     build(only=args.only, **kwargs)

@@ -67,6 +67,65 @@ def test_a_killed_vae_stage_resumes_to_the_uninterrupted_weights(tmp_path, monke
     assert bw._vae_key(other) != bw._vae_key(cfg)
 
 
+def test_a_killed_transformer_stage_resumes_to_the_uninterrupted_weights(built, tmp_path, monkeypatch):
+    from flowalign.zoo import shapes_video
+
+    torch.set_num_threads(1)
+    vae = bw.load_vae(built[0])
+    clips, captions, _ = shapes_video.dataset(8, "train", seed=0, size=32, frames=9)
+    cfg = bw.WanBuildConfig(n_train_clips=8, wan_steps=4, wan_batch=2, wan_save_every=2, eval_every=0)
+    straight = bw.train_wan(cfg, clips, captions, vae, tmp_path / "straight")
+
+    loss, calls = bw.flow_matching_loss, []
+
+    def killed_after_two_steps(*args):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    ckpt = tmp_path / "transformer.pt"
+    monkeypatch.setattr(bw, "flow_matching_loss", killed_after_two_steps)
+    with pytest.raises(KeyboardInterrupt):
+        bw.train_wan(cfg, clips, captions, vae, tmp_path / "resumed", ckpt)
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    monkeypatch.setattr(bw, "flow_matching_loss", loss)
+    resumed = bw.train_wan(cfg, clips, captions, vae, tmp_path / "resumed", ckpt)
+    assert resumed["final_loss_avg50"] == straight["final_loss_avg50"]
+    a = transformer_weights(tmp_path / "straight")
+    b = transformer_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # a checkpoint written with another patch or step count is not resumed
+    assert bw._wan_key(bw.WanBuildConfig(wan_patch=(1, 2, 2))) != bw._wan_key(bw.WanBuildConfig())
+    assert bw._wan_key(bw.WanBuildConfig(wan_steps=5)) != bw._wan_key(bw.WanBuildConfig())
+    assert bw._wan_key(bw.WanBuildConfig(wan_save_every=7)) == bw._wan_key(bw.WanBuildConfig())
+
+
+def transformer_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def test_a_transformer_only_build_reuses_a_vae_and_takes_a_finer_patch(built, tmp_path):
+    from diffusers import WanPipeline
+
+    cfg = bw.WanBuildConfig(n_train_clips=8, wan_steps=2, wan_batch=2, wan_patch=(1, 2, 2), eval_every=0, recon_n=2,
+                            threads=1)
+    report = bw.build(cfg, out_root=tmp_path, vae_from=built[0])
+    assert report["vae"]["from"] == str(built[0])
+    pipe = WanPipeline.from_pretrained(tmp_path / "shapes-wan")
+    assert tuple(pipe.transformer.config.patch_size) == (1, 2, 2)
+    source = bw.load_vae(built[0])
+    for (name, a), b in zip(source.state_dict().items(), pipe.vae.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not (tmp_path / "shapes-wan.transformer.pt").exists()
+    with pytest.raises(FileNotFoundError, match="no VAE folder"):
+        bw.load_vae(tmp_path)
+
+
 def test_the_decoder_time_stage_trains_only_the_decoders_temporal_weights():
     from flowalign.zoo import shapes_video
 
@@ -149,3 +208,18 @@ def test_the_vae_starts_as_a_per_frame_autoencoder():
         # the random temporal weights of the plain layout carry frame 1 into every later latent frame
         plain = bw.shapes_wan_vae(0, per_frame_start=False)
         assert not torch.equal(round_trip(plain, clip)[0][:, :, 4], round_trip(plain, edited)[0][:, :, 4])
+
+
+def test_zoo_build_cli_passes_settings_and_vae_to_the_shapes_wan_build(built, tmp_path, monkeypatch, capsys):
+    from flowalign.cli import main
+
+    seen = {}
+    monkeypatch.setattr(bw, "build", lambda cfg, vae_from=None, **kw: seen.update(cfg=cfg, vae_from=vae_from, **kw))
+    assert main(["zoo", "build", "--only", "shapes-wan", "--vae-from", str(built[0]), "--out", str(tmp_path),
+                 "--set", "wan_patch=[1,2,2]", "wan_steps=6000"]) == 0
+    assert seen["cfg"].wan_patch == (1, 2, 2) and seen["cfg"].wan_steps == 6000
+    assert seen["vae_from"] == built[0] and seen["out_root"] == tmp_path
+    for argv, message in [(["--only", "shapes-wan", "--set", "wan_stps=3"], "Did you mean 'wan_steps'"),
+                          (["--only", "shapes-sd3", "--set", "wan_steps=3"], "apply to `--only shapes-wan` alone")]:
+        assert main(["zoo", "build", *argv]) == 2
+        assert message in capsys.readouterr().err

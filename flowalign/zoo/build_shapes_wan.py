@@ -51,6 +51,7 @@ class WanBuildConfig:
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
     wan_steps: int = 9000
+    wan_patch: tuple[int, int, int] = (1, 4, 4)  # (time, height, width) latents per token
     wan_batch: int = 16
     wan_lr: float = 2e-3
     wan_ema: float = 0.995
@@ -62,6 +63,7 @@ class WanBuildConfig:
     vae_eval_every: int = 200  # held-out round-trip quality during the VAE stage (0: off)
     vae_eval_n: int = 40
     vae_save_every: int = 100  # steps between VAE-stage checkpoints (a killed build resumes from the last)
+    wan_save_every: int = 250  # steps between transformer-stage checkpoints (likewise)
     # then the decoder's temporal weights alone, on whole clips (see train_decoder_time)
     decoder_time_steps: int = 200
     decoder_time_batch: int = 2
@@ -129,13 +131,13 @@ def start_per_frame(vae):
     return vae
 
 
-def shapes_wan_transformer(seed: int):
+def shapes_wan_transformer(seed: int, patch: tuple[int, int, int] = (1, 4, 4)):
     """4 blocks of width 128 (4 heads of 32: RoPE splits each head 12 / 10 / 10 over time / height / width); patch
-    (1, 4, 4) on 5 x 16 x 16 latents: 5 x 4 x 4 = 80 tokens."""
+    (1, 4, 4) on 5 x 16 x 16 latents gives 5 x 4 x 4 = 80 tokens, (1, 2, 2) gives 320."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    return WanTransformer3DModel(patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=8,
+    return WanTransformer3DModel(patch_size=tuple(patch), num_attention_heads=4, attention_head_dim=32, in_channels=8,
                                  out_channels=8, text_dim=64, freq_dim=64, ffn_dim=512, num_layers=4,
                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
@@ -351,8 +353,12 @@ def flow_matching_loss(transformer, lat, embs, cap_idx, empty: int, batch: int, 
     return F.mse_loss(v, eps - x0)
 
 
-def train_wan(cfg: WanBuildConfig, clips: torch.Tensor, captions: list[str], vae, out: Path) -> dict:
-    transformer = shapes_wan_transformer(cfg.seed)
+def train_wan(cfg: WanBuildConfig, clips: torch.Tensor, captions: list[str], vae, out: Path,
+              checkpoint: Path | None = None) -> dict:
+    """Train the transformer on the VAE's latents of ``clips`` and write the pipeline to ``out``. With
+    ``checkpoint``, the stage saves its whole state there every ``wan_save_every`` steps and resumes from it (when
+    it was written with the same settings), so a killed build loses at most that many steps."""
+    transformer = shapes_wan_transformer(cfg.seed, cfg.wan_patch)
     pipe = make_pipeline(cfg, vae, transformer)
     z = encode_clips(vae, clips)
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
@@ -364,8 +370,20 @@ def train_wan(cfg: WanBuildConfig, clips: torch.Tensor, captions: list[str], vae
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.wan_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.wan_steps, warmup=200))
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    bar = tqdm(range(cfg.wan_steps), desc="shapes-wan", leave=False)
-    losses, curve = [], []
+    state = {"key": _wan_key(cfg), "step": 0, "losses": [], "curve": []}
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        if saved["key"] == state["key"]:
+            transformer.load_state_dict(saved["transformer"])
+            ema.load_state_dict(saved["ema"])
+            opt.load_state_dict(saved["opt"])
+            sched.load_state_dict(saved["sched"])
+            g.set_state(saved["generator"])
+            state = {k: saved[k] for k in state}
+            tqdm.write(f"shapes-wan: resuming from step {state['step']} ({checkpoint})")
+    losses, curve = state["losses"], state["curve"]
+    bar = tqdm(range(state["step"], cfg.wan_steps), initial=state["step"], total=cfg.wan_steps, desc="shapes-wan",
+               leave=False)
     for step in bar:
         loss = flow_matching_loss(transformer, lat, embs, cap_idx, empty, cfg.wan_batch, cfg.caption_dropout, g)
         opt.zero_grad(set_to_none=True)
@@ -375,11 +393,17 @@ def train_wan(cfg: WanBuildConfig, clips: torch.Tensor, captions: list[str], vae
         sched.step()
         _ema(ema, transformer, min(cfg.wan_ema, (1 + step) / (10 + step)))
         losses.append(loss.item())
+        state["step"] = step + 1
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}",
                         acc=curve[-1]["overall"] if curve else "-")
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.wan_steps):
-            curve.append({"step": step + 1, **verifier_accuracy(cfg, pipe, ema)})
+            curve.append({"step": step + 1, "loss_avg50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+                          **verifier_accuracy(cfg, pipe, ema)})
             tqdm.write(f"shapes-wan step {step + 1}: {json.dumps(curve[-1])}")
+        if checkpoint is not None and ((step + 1) % cfg.wan_save_every == 0 or step + 1 == cfg.wan_steps):
+            atomic_save({**state, "transformer": transformer.state_dict(), "ema": ema.state_dict(),
+                         "opt": opt.state_dict(), "sched": sched.state_dict(), "generator": g.get_state()},
+                        checkpoint)
     pipe.register_modules(transformer=ema.eval())
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -387,6 +411,13 @@ def train_wan(cfg: WanBuildConfig, clips: torch.Tensor, captions: list[str], vae
     tail = losses[-50:]
     return {"final_loss_avg50": sum(tail) / len(tail), "params_transformer": sum(p.numel() for p in ema.parameters()),
             "verifier_curve": curve}
+
+
+def _wan_key(cfg: WanBuildConfig) -> dict:
+    """The settings a transformer checkpoint must share with the build that resumes it."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
+            if k.startswith("wan_") and k != "wan_save_every"
+            or k in ("seed", "size", "frames", "n_train_clips", "caption_dropout", "flow_shift")}
 
 
 def verifier_accuracy(cfg: WanBuildConfig, pipe, weights, per_category: int | None = None) -> dict:
@@ -408,9 +439,11 @@ def verifier_accuracy(cfg: WanBuildConfig, pipe, weights, per_category: int | No
 
 
 # ----------------------------------------------------------------------------- driver
-def build(cfg: WanBuildConfig | None = None, out_root: Path = WEIGHTS) -> dict:
-    """Render, train the VAE (resumable: ``out_root/shapes-wan.vae.pt``), train the transformer, and swap the
-    pipeline into ``out_root/shapes-wan``; the VAE checkpoint is removed once the build succeeds."""
+def build(cfg: WanBuildConfig | None = None, out_root: Path = WEIGHTS, vae_from: Path | None = None) -> dict:
+    """Render, train the VAE (resumable: ``out_root/shapes-wan.vae.pt``), train the transformer (resumable:
+    ``out_root/shapes-wan.transformer.pt``), and swap the pipeline into ``out_root/shapes-wan``; the checkpoints
+    are removed once the build succeeds. ``vae_from`` (a shapes-wan pipeline folder) skips the VAE stage and
+    trains the transformer on that pipeline's VAE."""
     cfg = cfg or WanBuildConfig()
     torch.set_num_threads(cfg.threads)
     report: dict = {"config": asdict(cfg)}
@@ -421,8 +454,12 @@ def build(cfg: WanBuildConfig | None = None, out_root: Path = WEIGHTS) -> dict:
     t = time.perf_counter()
     out_root.mkdir(parents=True, exist_ok=True)
     checkpoint = out_root / "shapes-wan.vae.pt"
-    vae, report["vae"] = train_vae(cfg, clips, checkpoint)
-    report["vae"]["decoder_time"] = train_decoder_time(cfg, vae, clips)
+    if vae_from is not None:
+        vae = load_vae(Path(vae_from))
+        report["vae"] = {"from": str(vae_from)}
+    else:
+        vae, report["vae"] = train_vae(cfg, clips, checkpoint)
+        report["vae"]["decoder_time"] = train_decoder_time(cfg, vae, clips)
     report["vae"]["seconds"] = time.perf_counter() - t
     test, test_captions, _ = shapes_video.dataset(cfg.recon_n, "test", seed=7, size=cfg.size, frames=cfg.frames)
     quality, rec = round_trip_quality(vae, test, test_captions)
@@ -431,11 +468,22 @@ def build(cfg: WanBuildConfig | None = None, out_root: Path = WEIGHTS) -> dict:
     print("shapes-wan vae:", json.dumps(report["vae"]))
     t = time.perf_counter()
     tmp = out_root / "shapes-wan.tmp"
-    report["wan"] = train_wan(cfg, clips, captions, vae, tmp)
+    wan_checkpoint = out_root / "shapes-wan.transformer.pt"
+    report["wan"] = train_wan(cfg, clips, captions, vae, tmp, wan_checkpoint)
     _replace(tmp, out_root / "shapes-wan")
     checkpoint.unlink(missing_ok=True)
+    wan_checkpoint.unlink(missing_ok=True)
     report["wan"]["seconds"] = time.perf_counter() - t
     print("shapes-wan:", json.dumps(report["wan"]))
     report["total_seconds"] = time.perf_counter() - t0
     (out_root / "build_report_shapes-wan.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def load_vae(folder: Path):
+    """The VAE of a shapes-wan pipeline folder, frozen."""
+    from diffusers import AutoencoderKLWan
+
+    if not (folder / "vae").is_dir():
+        raise FileNotFoundError(f"{folder} holds no VAE folder (expected a shapes-wan pipeline folder with vae/).")
+    return AutoencoderKLWan.from_pretrained(folder / "vae").eval().requires_grad_(False)
