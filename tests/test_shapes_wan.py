@@ -36,6 +36,19 @@ def test_build_writes_a_loadable_pipeline_and_report(built):
     assert not (path.parent / "shapes-wan.vae.pt").exists()  # the stage checkpoint goes once the build succeeds
 
 
+def killed_after_two_calls(fn):
+    """``fn``, but a SIGINT-like interrupt on its third call: a build step killed mid-stage."""
+    calls = []
+
+    def wrapped(*args):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return fn(*args)
+
+    return wrapped
+
+
 def test_a_killed_vae_stage_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     from flowalign.zoo import shapes_video
 
@@ -45,16 +58,9 @@ def test_a_killed_vae_stage_resumes_to_the_uninterrupted_weights(tmp_path, monke
                             vae_eval_every=0, vae_save_every=2)
     straight, _ = bw.train_vae(cfg, clips)
 
-    windows, calls = bw._windows, []
-
-    def killed_after_two_steps(*args):
-        calls.append(1)
-        if len(calls) > 2:
-            raise KeyboardInterrupt
-        return windows(*args)
-
+    windows = bw._windows
     ckpt = tmp_path / "vae.pt"
-    monkeypatch.setattr(bw, "_windows", killed_after_two_steps)
+    monkeypatch.setattr(bw, "_windows", killed_after_two_calls(windows))
     with pytest.raises(KeyboardInterrupt):
         bw.train_vae(cfg, clips, ckpt)
     assert torch.load(ckpt, weights_only=False)["step"] == 2
@@ -76,16 +82,9 @@ def test_a_killed_transformer_stage_resumes_to_the_uninterrupted_weights(built, 
     cfg = bw.WanBuildConfig(n_train_clips=8, wan_steps=4, wan_batch=2, wan_save_every=2, eval_every=0)
     straight = bw.train_wan(cfg, clips, captions, vae, tmp_path / "straight")
 
-    loss, calls = bw.flow_matching_loss, []
-
-    def killed_after_two_steps(*args):
-        calls.append(1)
-        if len(calls) > 2:
-            raise KeyboardInterrupt
-        return loss(*args)
-
+    loss = bw.flow_matching_loss
     ckpt = tmp_path / "transformer.pt"
-    monkeypatch.setattr(bw, "flow_matching_loss", killed_after_two_steps)
+    monkeypatch.setattr(bw, "flow_matching_loss", killed_after_two_calls(loss))
     with pytest.raises(KeyboardInterrupt):
         bw.train_wan(cfg, clips, captions, vae, tmp_path / "resumed", ckpt)
     assert torch.load(ckpt, weights_only=False)["step"] == 2

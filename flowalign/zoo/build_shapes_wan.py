@@ -166,16 +166,8 @@ def train_vae(cfg: WanBuildConfig, clips: torch.Tensor, checkpoint: Path | None 
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.vae_steps))
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    state = {"key": _vae_key(cfg), "step": 0, "curve": [], "mse": float("nan")}
-    if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=False)
-        if saved["key"] == state["key"]:
-            vae.load_state_dict(saved["vae"])
-            opt.load_state_dict(saved["opt"])
-            sched.load_state_dict(saved["sched"])
-            g.set_state(saved["generator"])
-            state = {k: saved[k] for k in state}
-            tqdm.write(f"shapes-wan vae: resuming from step {state['step']} ({checkpoint})")
+    stateful = {"vae": vae, "opt": opt, "sched": sched}
+    state = _resume(checkpoint, {"key": _vae_key(cfg), "step": 0, "curve": [], "mse": float("nan")}, g, stateful)
     test, test_captions, _ = shapes_video.dataset(cfg.vae_eval_n, "test", seed=7, size=cfg.size, frames=cfg.frames)
     bar = tqdm(range(state["step"], cfg.vae_steps), initial=state["step"], total=cfg.vae_steps,
                desc="shapes-wan vae", leave=False)
@@ -200,14 +192,35 @@ def train_vae(cfg: WanBuildConfig, clips: torch.Tensor, checkpoint: Path | None 
             state["curve"].append({"step": step + 1, **round_trip_quality(vae, test, test_captions)[0]})
             tqdm.write(f"shapes-wan vae step {step + 1}: {json.dumps(state['curve'][-1])}")
         if checkpoint is not None and ((step + 1) % cfg.vae_save_every == 0 or step + 1 == cfg.vae_steps):
-            atomic_save({**state, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                          "generator": g.get_state()}, checkpoint)
+            _save(checkpoint, state, g, stateful)
     vae.eval().requires_grad_(False)
     z = encode_clips(vae, clips[:1024])
     mean = z.mean(dim=(0, 2, 3, 4))
     std = z.std(dim=(0, 2, 3, 4))
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     return vae, {"final_mse": state["mse"], "curve": state["curve"]}
+
+
+def _resume(checkpoint: Path | None, state: dict, g: torch.Generator, stateful: dict) -> dict:
+    """The training state to start from: ``state`` (whose ``key`` names the settings), or the one saved in
+    ``checkpoint`` by :func:`_save` when it was written with the same key, restoring ``stateful`` (name -> module,
+    optimizer or scheduler) and the generator ``g`` in place."""
+    if checkpoint is None or not checkpoint.exists():
+        return state
+    saved = torch.load(checkpoint, weights_only=False)
+    if saved["key"] != state["key"]:
+        tqdm.write(f"{checkpoint} was written with other settings; starting afresh")
+        return state
+    for name, obj in stateful.items():
+        obj.load_state_dict(saved[name])
+    g.set_state(saved["generator"])
+    tqdm.write(f"resuming from step {saved['step']} ({checkpoint})")
+    return {k: saved[k] for k in state}
+
+
+def _save(checkpoint: Path, state: dict, g: torch.Generator, stateful: dict) -> None:
+    atomic_save({**state, **{name: obj.state_dict() for name, obj in stateful.items()}, "generator": g.get_state()},
+                checkpoint)
 
 
 def _vae_key(cfg: WanBuildConfig) -> dict:
@@ -370,17 +383,8 @@ def train_wan(cfg: WanBuildConfig, clips: torch.Tensor, captions: list[str], vae
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.wan_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.wan_steps, warmup=200))
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    state = {"key": _wan_key(cfg), "step": 0, "losses": [], "curve": []}
-    if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=False)
-        if saved["key"] == state["key"]:
-            transformer.load_state_dict(saved["transformer"])
-            ema.load_state_dict(saved["ema"])
-            opt.load_state_dict(saved["opt"])
-            sched.load_state_dict(saved["sched"])
-            g.set_state(saved["generator"])
-            state = {k: saved[k] for k in state}
-            tqdm.write(f"shapes-wan: resuming from step {state['step']} ({checkpoint})")
+    stateful = {"transformer": transformer, "ema": ema, "opt": opt, "sched": sched}
+    state = _resume(checkpoint, {"key": _wan_key(cfg), "step": 0, "losses": [], "curve": []}, g, stateful)
     losses, curve = state["losses"], state["curve"]
     bar = tqdm(range(state["step"], cfg.wan_steps), initial=state["step"], total=cfg.wan_steps, desc="shapes-wan",
                leave=False)
@@ -401,9 +405,7 @@ def train_wan(cfg: WanBuildConfig, clips: torch.Tensor, captions: list[str], vae
                           **verifier_accuracy(cfg, pipe, ema)})
             tqdm.write(f"shapes-wan step {step + 1}: {json.dumps(curve[-1])}")
         if checkpoint is not None and ((step + 1) % cfg.wan_save_every == 0 or step + 1 == cfg.wan_steps):
-            atomic_save({**state, "transformer": transformer.state_dict(), "ema": ema.state_dict(),
-                         "opt": opt.state_dict(), "sched": sched.state_dict(), "generator": g.get_state()},
-                        checkpoint)
+            _save(checkpoint, state, g, stateful)
     pipe.register_modules(transformer=ema.eval())
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
