@@ -10,10 +10,10 @@ A tiny Wan 2.1 pipeline (a diffusers ``WanPipeline`` folder) trained on clips of
    time-upsampling convolutions, which the per-frame start makes pass the latest frame through, so that decoder
    repeats every frame after the first; :func:`train_decoder_time` then trains the decoder's temporal weights
    alone on whole clips, so that its frames differ, and leaves the encoder (hence the latents) as it was;
-2. a tiny ``WanTransformer3DModel`` (patch (1, 4, 4): 5 x 4 x 4 = 80 tokens) trained by rectified-flow matching with
-   logit-normal timesteps, 10% caption dropout (the empty prompt, the pipeline's default negative prompt) and an
-   EMA, conditioned by a frozen, randomly initialised tiny UMT5 encoder whose word-level tokenizer is made in code
-   from the caption grammar's vocabulary.
+2. a tiny ``WanTransformer3DModel`` (``wan_patch`` (1, 4, 4): 5 x 4 x 4 = 80 tokens) trained by rectified-flow
+   matching with logit-normal timesteps, 10% caption dropout (the empty prompt, the pipeline's default negative
+   prompt) and an EMA, conditioned by a frozen, randomly initialised tiny UMT5 encoder whose word-level tokenizer
+   is made in code from the caption grammar's vocabulary.
 
 ``benchmarks/README.md`` ("Video") records how the VAE layout was chosen and what the build measures.
 """
