@@ -96,10 +96,13 @@ def test_a_killed_transformer_stage_resumes_to_the_uninterrupted_weights(built, 
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    # a checkpoint written with another patch or step count is not resumed
-    assert bw._wan_key(bw.WanBuildConfig(wan_patch=(1, 2, 2))) != bw._wan_key(bw.WanBuildConfig())
-    assert bw._wan_key(bw.WanBuildConfig(wan_steps=5)) != bw._wan_key(bw.WanBuildConfig())
-    assert bw._wan_key(bw.WanBuildConfig(wan_save_every=7)) == bw._wan_key(bw.WanBuildConfig())
+    # a checkpoint written with another patch, step count or VAE is not resumed
+    key = bw._wan_key(bw.WanBuildConfig(), vae)
+    assert bw._wan_key(bw.WanBuildConfig(wan_patch=(1, 4, 4)), vae) != key
+    assert bw._wan_key(bw.WanBuildConfig(wan_steps=5), vae) != key
+    assert bw._wan_key(bw.WanBuildConfig(wan_save_every=7), vae) == key
+    vae.register_to_config(latents_mean=[m + 1e-3 for m in vae.config.latents_mean])
+    assert bw._wan_key(bw.WanBuildConfig(), vae) != key
 
 
 def transformer_weights(folder):

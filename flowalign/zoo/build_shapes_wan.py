@@ -10,7 +10,7 @@ A tiny Wan 2.1 pipeline (a diffusers ``WanPipeline`` folder) trained on clips of
    time-upsampling convolutions, which the per-frame start makes pass the latest frame through, so that decoder
    repeats every frame after the first; :func:`train_decoder_time` then trains the decoder's temporal weights
    alone on whole clips, so that its frames differ, and leaves the encoder (hence the latents) as it was;
-2. a tiny ``WanTransformer3DModel`` (``wan_patch`` (1, 4, 4): 5 x 4 x 4 = 80 tokens) trained by rectified-flow
+2. a tiny ``WanTransformer3DModel`` (``wan_patch`` (1, 2, 2): 5 x 8 x 8 = 320 tokens) trained by rectified-flow
    matching with logit-normal timesteps, 10% caption dropout (the empty prompt, the pipeline's default negative
    prompt) and an EMA, conditioned by a frozen, randomly initialised tiny UMT5 encoder whose word-level tokenizer
    is made in code from the caption grammar's vocabulary.
@@ -50,15 +50,15 @@ class WanBuildConfig:
     vae_batch: int = 2  # whole clips per step after that
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
-    wan_steps: int = 9000
-    wan_patch: tuple[int, int, int] = (1, 4, 4)  # (time, height, width) latents per token
+    wan_steps: int = 12000
+    wan_patch: tuple[int, int, int] = (1, 2, 2)  # (time, height, width) latents per token
     wan_batch: int = 16
     wan_lr: float = 2e-3
     wan_ema: float = 0.995
     caption_dropout: float = 0.1
     guidance_scale: float = 4.0
     flow_shift: float = 1.0
-    eval_every: int = 3000  # verifier accuracy of the EMA on held-out prompts during training (0: off)
+    eval_every: int = 2000  # verifier accuracy of the EMA on held-out prompts during training (0: off)
     eval_per_category: int = 8
     vae_eval_every: int = 200  # held-out round-trip quality during the VAE stage (0: off)
     vae_eval_n: int = 40
@@ -384,7 +384,7 @@ def train_wan(cfg: WanBuildConfig, clips: torch.Tensor, captions: list[str], vae
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.wan_steps, warmup=200))
     g = torch.Generator().manual_seed(cfg.seed + 2)
     stateful = {"transformer": transformer, "ema": ema, "opt": opt, "sched": sched}
-    state = _resume(checkpoint, {"key": _wan_key(cfg), "step": 0, "losses": [], "curve": []}, g, stateful)
+    state = _resume(checkpoint, {"key": _wan_key(cfg, vae), "step": 0, "losses": [], "curve": []}, g, stateful)
     losses, curve = state["losses"], state["curve"]
     bar = tqdm(range(state["step"], cfg.wan_steps), initial=state["step"], total=cfg.wan_steps, desc="shapes-wan",
                leave=False)
@@ -415,11 +415,13 @@ def train_wan(cfg: WanBuildConfig, clips: torch.Tensor, captions: list[str], vae
             "verifier_curve": curve}
 
 
-def _wan_key(cfg: WanBuildConfig) -> dict:
-    """The settings a transformer checkpoint must share with the build that resumes it."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
-            if k.startswith("wan_") and k != "wan_save_every"
-            or k in ("seed", "size", "frames", "n_train_clips", "caption_dropout", "flow_shift")}
+def _wan_key(cfg: WanBuildConfig, vae) -> dict:
+    """The settings a transformer checkpoint must share with the build that resumes it, and the VAE whose latents
+    it trains on (identified by its latent statistics, which any retraining changes)."""
+    key = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
+           if k.startswith("wan_") and k != "wan_save_every"
+           or k in ("seed", "size", "frames", "n_train_clips", "caption_dropout", "flow_shift")}
+    return {**key, "vae_latents": [list(vae.config.latents_mean), list(vae.config.latents_std)]}
 
 
 def verifier_accuracy(cfg: WanBuildConfig, pipe, weights, per_category: int | None = None) -> dict:
