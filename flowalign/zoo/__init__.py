@@ -5,8 +5,9 @@
 - ``shapes-clip``: the tiny transformers ``CLIPModel`` whose text tower is shapes-sd3's text encoder; also the
   differentiable ``shapes-clip`` reward.
 - ``shapes-wan``: a tiny text-to-video model of the Wan architecture over clips of moving shapes (a diffusers
-  ``WanPipeline`` folder), scored by the ``shapes-video`` verifier. Still weak: its colours are right, but its
-  shapes are fragmented, so it fails the strict verifier (see README, "The bundled worlds").
+  ``WanPipeline`` folder), scored by the ``shapes-video`` verifier. Still weak: its colours are right and its
+  shapes coherent, but too soft to pass the strict verifier more than 4% of the time (see README, "The bundled
+  worlds").
 
 ``flowalign zoo build`` reproduces them from fixed seeds (:mod:`flowalign.zoo.build_shapes`,
 :mod:`flowalign.zoo.build_shapes_wan`).

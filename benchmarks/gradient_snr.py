@@ -1,0 +1,168 @@
+"""How much signal one optimizer step carries: the signal-to-noise ratio of a trainer's gradient at the base.
+
+    python benchmarks/gradient_snr.py [--algo grpo|crd] [--draws 4] [--threads 1] [--tag NAME] [KEY=VALUE ...]
+
+The KEY=VALUE overrides go to ``configs/grpo/shapes.yaml`` (``--algo grpo``; for example ``reward=shapes-geneval-partial
+guidance_scale=4.0 groups_per_epoch=32 same_noise=true sde_window_range=0.1``) or ``configs/crd/shapes-verifier.yaml``
+(``--algo crd``). For ``--draws`` epochs' worth of rollouts from the base model (the LoRA at zero, the trainer's
+own draws of prompts, windows and noise), every prompt group k gives one gradient g_k of the trainer's objective
+over its samples:
+
+- grpo: at the base the policy is the reference and the old policy, so the ratio is 1, the KL's gradient is 0 and
+  g_k is the plain policy gradient -mean_i A_i grad log p(step_i) over the trained SDE steps;
+- crd: the old snapshot and the KL reference equal the base, so the KL's gradient is 0 and g_k is the gradient of
+  CRD's centred regression of the implicit reward (velocity errors on forward-noised samples, ``train_timesteps``
+  noise levels) onto the centred reward.
+
+Groups are independent draws, so with K of them:
+
+- ``signal``: |E g|^2, estimated without bias as |mean g|^2 - tr(Cov g) / K;
+- ``noise``: tr(Cov g), the spread of one group's gradient;
+- ``groups_for_snr_1``: noise / signal, the number of groups an optimizer step must average for its gradient's
+  expected direction to be as large as its noise;
+- ``half_cosine``: the cosine between the mean gradients of two disjoint halves of the groups (mean over random
+  splits). Near 0, the two halves point in unrelated directions.
+
+A training step of the shapes runs averages ``train_batch_size / group_size`` groups, so
+``snr_per_step`` = that many groups times signal / noise. Writes
+``benchmarks/results/gradient_snr_<algo>_<tag>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+
+
+def flat(grads, params) -> torch.Tensor:
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+
+def grpo_group_gradients(run, algo, epoch: int) -> tuple[list[torch.Tensor], list[float]]:
+    """One epoch of GRPO rollouts: the policy gradient of each prompt group, and the rewards."""
+    from flowalign.sampling.sampler import log_prob
+
+    cfg = algo.cfg
+    shared, local = run.generators(epoch)
+    _, groups, traj = algo.draw(run, shared, local)
+    r = run.score(traj)
+    adv, _ = run.advantages(r, groups.repeat_interleave(cfg.group_size), epoch + 1, cfg.global_std, cfg.adv_clip)
+    steps = traj.stochastic.nonzero().flatten().tolist()
+    out = []
+    for k in range(cfg.groups_per_epoch):
+        idx = torch.arange(k * cfg.group_size, (k + 1) * cfg.group_size)
+        lp = log_prob(run.model, traj.index(idx), steps=steps)  # (group, len(steps))
+        loss = -(adv[idx].view(-1, 1) * lp).mean()
+        out.append(flat(torch.autograd.grad(loss, run.params, allow_unused=True), run.params))
+    return out, r.tolist()
+
+
+def crd_group_gradients(run, algo, epoch: int) -> tuple[list[torch.Tensor], list[float]]:
+    """One epoch of CRD's ODE rollouts: the gradient of each prompt group's CRD loss, and the rewards."""
+    from flowalign.functional.advantages import advantage_to_unit
+    from flowalign.functional.crd import crd_loss, implicit_reward
+    from flowalign.trainers.crd import shifted_sigmas
+
+    cfg, model = algo.cfg, run.model
+    shared, local = run.generators(epoch)
+    prompts, groups = run.epoch_prompts(shared)
+    traj = run.rollout(prompts, local, sampler="ode")
+    r = run.score(traj)
+    sample_groups = groups.repeat_interleave(cfg.group_size)
+    adv, _ = run.advantages(r, sample_groups, epoch + 1, cfg.global_std, cfg.adv_clip)
+    r01 = advantage_to_unit(adv, cfg.adv_clip)
+    gs = model.guidance_or_default(cfg.guidance_scale if cfg.train_guidance_scale is None
+                                   else cfg.train_guidance_scale)
+    out = []
+    for k in range(len(prompts)):
+        idx = torch.arange(k * cfg.group_size, (k + 1) * cfg.group_size)
+        x0, cond = traj.index(idx).x0, traj.cond.index(idx)
+        loss = 0.0
+        for _ in range(cfg.train_timesteps):
+            sigma = shifted_sigmas(len(idx), cfg.timestep_shift, local)
+            eps = torch.randn(x0.shape, generator=local)
+            s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+            v = model.velocity((1 - s) * x0 + s * eps, sigma, cond, gs)
+            # the old snapshot is the base here, so its velocity is this one's value
+            loss = loss + crd_loss(implicit_reward(v, v.detach(), eps - x0), r01[idx], sample_groups[idx],
+                                   cfg.beta) / cfg.train_timesteps
+        out.append(flat(torch.autograd.grad(loss, run.params, allow_unused=True), run.params))
+    return out, r.tolist()
+
+
+ALGOS = {"grpo": ("configs/grpo/shapes.yaml", "GRPO", grpo_group_gradients),
+         "crd": ("configs/crd/shapes-verifier.yaml", "CRD", crd_group_gradients)}
+
+
+def snr(g: torch.Tensor, splits: int = 50, seed: int = 0) -> dict:
+    k = len(g)
+    mean = g.mean(0)
+    noise = ((g - mean) ** 2).sum(1).sum().item() / (k - 1)
+    signal = mean.pow(2).sum().item() - noise / k
+    gen = torch.Generator().manual_seed(seed)
+    cos = []
+    for _ in range(splits):
+        perm = torch.randperm(k, generator=gen)
+        a, b = g[perm[: k // 2]].mean(0), g[perm[k // 2:]].mean(0)
+        cos.append(torch.nn.functional.cosine_similarity(a, b, dim=0).item())
+    return {"groups": k, "nonzero_groups": int((g.abs().sum(1) > 0).sum()), "signal": signal, "noise": noise,
+            "groups_for_snr_1": noise / signal if signal > 0 else float("inf"),
+            "half_cosine": sum(cos) / len(cos)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="KEY=VALUE settings for the trainer's shapes config.")
+    ap.add_argument("--algo", choices=sorted(ALGOS), default="grpo")
+    ap.add_argument("--draws", type=int, default=4, help="Epochs of base rollouts (groups_per_epoch groups each).")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="default")
+    args = ap.parse_args()
+
+    from tqdm.auto import tqdm
+
+    from flowalign.config import load_config
+    from flowalign.trainers import TASKS
+    from flowalign.trainers.loop import Run
+
+    config, algo_name, group_gradients = ALGOS[args.algo]
+    config_cls = TASKS[args.algo][0]
+    algo_cls = getattr(importlib.import_module(f"flowalign.trainers.{args.algo}"), algo_name)
+    t0 = time.perf_counter()
+    grads, rewards = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(config_cls, str(ROOT / config),
+                          [*args.overrides, f"out={tmp}", "eval_prompts=null", f"threads={args.threads}",
+                           "log_with=none", "progress=false", "resume=null"])
+        algo = algo_cls(cfg)
+        run = Run(cfg, algo)
+        for epoch in tqdm(range(args.draws), desc=f"{args.algo} group gradients"):
+            g, r = group_gradients(run, algo, epoch)
+            grads += g
+            rewards += r
+    g = torch.stack(grads)
+    stats = snr(g)
+    per_step = cfg.train_batch_size / cfg.group_size
+    out = {"algo": args.algo, "config": config, "overrides": args.overrides, "draws": args.draws,
+           "group_size": cfg.group_size, "params": g.shape[1], "reward_mean": sum(rewards) / len(rewards), **stats,
+           "groups_per_step": per_step, "snr_per_step": per_step * stats["signal"] / stats["noise"],
+           "seconds": round(time.perf_counter() - t0, 1)}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"gradient_snr_{args.algo}_{args.tag}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(True)
+    main()
