@@ -21,7 +21,8 @@ Groups are independent draws, so with K of them:
 - ``groups_for_snr_1``: noise / signal, the number of groups an optimizer step must average for its gradient's
   expected direction to be as large as its noise;
 - ``half_cosine``: the cosine between the mean gradients of two disjoint halves of the groups (mean over random
-  splits). Near 0, the two halves point in unrelated directions.
+  splits). Near 0, the two halves point in unrelated directions. ``half_cosine_null`` (mean, std) is the same
+  with every group's gradient given a random sign, which keeps the noise and removes any common direction.
 
 A training step of the shapes runs averages ``train_batch_size / group_size`` groups, so
 ``snr_per_step`` = that many groups times signal / noise. Writes
@@ -109,14 +110,22 @@ def snr(g: torch.Tensor, splits: int = 50, seed: int = 0) -> dict:
     noise = ((g - mean) ** 2).sum(1).sum().item() / (k - 1)
     signal = mean.pow(2).sum().item() - noise / k
     gen = torch.Generator().manual_seed(seed)
-    cos = []
-    for _ in range(splits):
-        perm = torch.randperm(k, generator=gen)
-        a, b = g[perm[: k // 2]].mean(0), g[perm[k // 2:]].mean(0)
-        cos.append(torch.nn.functional.cosine_similarity(a, b, dim=0).item())
+
+    def half_cosines(flip: bool) -> torch.Tensor:
+        cos = []
+        for _ in range(splits):
+            perm = torch.randperm(k, generator=gen)
+            x = g * (torch.randint(2, (k, 1), generator=gen) * 2 - 1) if flip else g
+            a, b = x[perm[: k // 2]].mean(0), x[perm[k // 2:]].mean(0)
+            cos.append(torch.nn.functional.cosine_similarity(a, b, dim=0).item())
+        return torch.tensor(cos)
+
+    # the null: each group's gradient with a random sign keeps the spread and removes the common direction
+    null = half_cosines(flip=True)
     return {"groups": k, "nonzero_groups": int((g.abs().sum(1) > 0).sum()), "signal": signal, "noise": noise,
             "groups_for_snr_1": noise / signal if signal > 0 else float("inf"),
-            "half_cosine": sum(cos) / len(cos)}
+            "half_cosine": half_cosines(flip=False).mean().item(),
+            "half_cosine_null": [round(null.mean().item(), 4), round(null.std().item(), 4)]}
 
 
 def main() -> None:
