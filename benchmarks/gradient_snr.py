@@ -32,7 +32,6 @@ A training step of the shapes runs averages ``train_batch_size / group_size`` gr
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import tempfile
 import time
@@ -44,8 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 
 
-def flat(grads, params) -> torch.Tensor:
+def flat_grad(loss, params) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+
+def zeros(params) -> torch.Tensor:
+    """The gradient of a group whose samples all scored alike (zero advantages), without a backward pass."""
+    return torch.zeros(sum(p.numel() for p in params))
 
 
 def grpo_group_gradients(run, algo, epoch: int) -> tuple[list[torch.Tensor], list[float]]:
@@ -61,9 +66,11 @@ def grpo_group_gradients(run, algo, epoch: int) -> tuple[list[torch.Tensor], lis
     out = []
     for k in range(cfg.groups_per_epoch):
         idx = torch.arange(k * cfg.group_size, (k + 1) * cfg.group_size)
+        if not adv[idx].any():
+            out.append(zeros(run.params))
+            continue
         lp = log_prob(run.model, traj.index(idx), steps=steps)  # (group, len(steps))
-        loss = -(adv[idx].view(-1, 1) * lp).mean()
-        out.append(flat(torch.autograd.grad(loss, run.params, allow_unused=True), run.params))
+        out.append(flat_grad(-(adv[idx].view(-1, 1) * lp).mean(), run.params))
     return out, r.tolist()
 
 
@@ -84,7 +91,7 @@ def crd_group_gradients(run, algo, epoch: int) -> tuple[list[torch.Tensor], list
     gs = model.guidance_or_default(cfg.guidance_scale if cfg.train_guidance_scale is None
                                    else cfg.train_guidance_scale)
     out = []
-    for k in range(len(prompts)):
+    for k in range(len(prompts)):  # every group draws its noise, so the draws stay those of the recorded results
         idx = torch.arange(k * cfg.group_size, (k + 1) * cfg.group_size)
         x0, cond = traj.index(idx).x0, traj.cond.index(idx)
         loss = 0.0
@@ -96,12 +103,12 @@ def crd_group_gradients(run, algo, epoch: int) -> tuple[list[torch.Tensor], list
             # the old snapshot is the base here, so its velocity is this one's value
             loss = loss + crd_loss(implicit_reward(v, v.detach(), eps - x0), r01[idx], sample_groups[idx],
                                    cfg.beta) / cfg.train_timesteps
-        out.append(flat(torch.autograd.grad(loss, run.params, allow_unused=True), run.params))
+        out.append(flat_grad(loss, run.params))
     return out, r.tolist()
 
 
-ALGOS = {"grpo": ("configs/grpo/shapes.yaml", "GRPO", grpo_group_gradients),
-         "crd": ("configs/crd/shapes-verifier.yaml", "CRD", crd_group_gradients)}
+ALGOS = {"grpo": ("configs/grpo/shapes.yaml", grpo_group_gradients),
+         "crd": ("configs/crd/shapes-verifier.yaml", crd_group_gradients)}
 
 
 def snr(g: torch.Tensor, splits: int = 50, seed: int = 0) -> dict:
@@ -140,12 +147,12 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     from flowalign.config import load_config
-    from flowalign.trainers import TASKS
+    from flowalign.trainers.crd import CRD, CRDConfig
+    from flowalign.trainers.grpo import GRPO, GRPOConfig
     from flowalign.trainers.loop import Run
 
-    config, algo_name, group_gradients = ALGOS[args.algo]
-    config_cls = TASKS[args.algo][0]
-    algo_cls = getattr(importlib.import_module(f"flowalign.trainers.{args.algo}"), algo_name)
+    config, group_gradients = ALGOS[args.algo]
+    config_cls, algo_cls = {"grpo": (GRPOConfig, GRPO), "crd": (CRDConfig, CRD)}[args.algo]
     t0 = time.perf_counter()
     grads, rewards = [], []
     with tempfile.TemporaryDirectory() as tmp:
