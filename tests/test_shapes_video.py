@@ -14,6 +14,7 @@ import torch
 
 from flowalign.rewards.base import load
 from flowalign.rewards.shapes_video import (
+    ShapesVideoMotion,
     ShapesVideoVerifier,
     analyse_clip,
     clip_motion,
@@ -224,6 +225,34 @@ def test_reward_scores_whole_clips_end_to_end(gt):
     assert reward(static, captions).tolist() == [0.0] * 6  # a shape that does not move fails its caption
     moving, still = reward.motion(videos[::2]), reward.motion(static[::2])
     assert moving.shape == (3,) and float(moving.min()) >= 0.14 and float(still.abs().max()) < 1e-6
+
+
+def test_tracked_motion_reward_pays_for_travel_not_flicker(gt):
+    data = [r for r, _ in gt["test"][::10]]
+    videos = as_videos([r.clip for r in data])
+    reward = load("shapes-video-motion")
+    assert isinstance(reward, ShapesVideoMotion) and not reward.differentiable and not reward.uses_prompts
+    moving = reward(videos)  # no prompts needed
+    assert moving.shape == (6,) and moving.dtype == torch.float32 and float(moving.min()) >= 0.14
+    assert torch.equal(moving, ShapesVideoVerifier().motion(videos))
+    speed = [r for r, _ in gt["test"] if r.spec.category == "speed" and len(r.spec.objects) == 1]
+    by_speed = {v: reward(as_videos([r.clip for r in speed if r.spec.speeds == (v,)])) for v in ("slow", "quick")}
+    assert min(map(len, by_speed.values())) >= 3 and float(by_speed["quick"].min()) > float(by_speed["slow"].max())
+    # a still shape that blinks, or still frames with noise: much pixel change (`motion`), no travel
+    still = videos[:, :1].expand_as(videos).clone()
+    blink = still.clone()
+    blink[:, 1::2] = blink[:, :1, :, :1, :1]  # every other frame is the background colour alone
+    noisy = (still + 0.05 * torch.randn(still.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    pixel_motion = load("motion")
+    for flicker in (blink, noisy):
+        assert float(pixel_motion(flicker).mean()) > 0.1
+        assert float(reward(flicker).abs().max()) < 0.02
+    with pytest.raises(ValueError, match=r"'shapes-video-motion' scores whole clips"):
+        reward(videos[:, 0])
+    bad = videos.clone()
+    bad[1, 2, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"batch indices \[1\] have NaN"):
+        reward(bad)
 
 
 def test_direction_speed_and_objects_are_checked(gt):

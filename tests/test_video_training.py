@@ -362,8 +362,8 @@ def test_default_eval_rewards_follow_the_model_kind_and_the_prompt_world():
                                                                      "shapes-clip"]
     assert pick("shapes-clip", "shapes", is_video=False) == ["shapes-clip", "shapes-geneval"]
     assert pick("motion", "shapes", is_video=True) == ["motion"]  # no image verifier on clips
-    assert pick("motion", "shapes-video", is_video=True) == ["motion", "shapes-video"]
-    assert pick("shapes-video", "shapes-video", is_video=True) == ["shapes-video"]
+    assert pick("motion", "shapes-video", is_video=True) == ["motion", "shapes-video", "shapes-video-motion"]
+    assert pick("shapes-video", "shapes-video", is_video=True) == ["shapes-video", "shapes-video-motion"]
     assert pick("motion", "shapes-video", is_video=False) == ["motion"]
     assert pick("motion", None, is_video=True) == ["motion"]
 

@@ -22,7 +22,8 @@ Per clip of F frames, of height H and width W:
 
 ``motion(videos)`` measures how much things move without a caption: per clip, the mean over the tracks of every
 (colour, shape) seen exactly once in all but ``floor(max_missing * F)`` frames of the magnitude of its
-displacement (canvas fractions per clip); 0 where no object is tracked.
+displacement (canvas fractions per clip); 0 where no object is tracked. It is also a reward of its own,
+``shapes-video-motion`` (:class:`ShapesVideoMotion`): motion that flicker and broken shapes cannot earn.
 """
 
 from __future__ import annotations
@@ -144,6 +145,22 @@ def clip_motion(video, detections: list[list[Detection]] | None = None, max_miss
     return float(np.mean(moves)) if moves else 0.0
 
 
+def clip_pixels(videos: torch.Tensor, name: str) -> np.ndarray:
+    """(B, F, H, W, 3) float pixels of (B, F, 3, H, W) video in [0, 1]; clear errors naming reward ``name``
+    otherwise (an image batch, a single frame, NaN or infinite pixels)."""
+    if videos.ndim != 5:
+        raise ValueError(f"Reward {name!r} scores whole clips: pass video as (B, F, 3, H, W), got shape "
+                         f"{tuple(videos.shape)} (add a frame axis; a single image cannot show motion).")
+    if videos.shape[1] < 2:
+        raise ValueError(f"Reward {name!r}: clips need at least 2 frames to show motion, got shape "
+                         f"{tuple(videos.shape)}.")
+    finite = torch.isfinite(videos.detach()).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(f"Reward {name!r}: videos at batch indices {bad} have NaN or infinite pixels.")
+    return videos.detach().float().clamp(0, 1).permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
 @register("shapes-video")
 class ShapesVideoVerifier(Reward):
     """1.0 where a clip shows its caption (rules: module docstring), else 0.0. Not differentiable.
@@ -166,24 +183,10 @@ class ShapesVideoVerifier(Reward):
                              f" and speed_threshold={speed_threshold}.")
         self.max_missing, self.min_displacement, self.speed_threshold = max_missing, min_displacement, speed_threshold
 
-    def _clips(self, videos: torch.Tensor) -> np.ndarray:
-        """(B, F, H, W, 3) float pixels of checked (B, F, 3, H, W) video; clear errors otherwise."""
-        if videos.ndim != 5:
-            raise ValueError(f"Reward {self.name!r} scores whole clips: pass video as (B, F, 3, H, W), got shape "
-                             f"{tuple(videos.shape)} (add a frame axis; a single image cannot show motion).")
-        if videos.shape[1] < 2:
-            raise ValueError(f"Reward {self.name!r}: clips need at least 2 frames to show motion, got shape "
-                             f"{tuple(videos.shape)}.")
-        finite = torch.isfinite(videos.detach()).flatten(1).all(1)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().flatten().tolist()
-            raise ValueError(f"Reward {self.name!r}: videos at batch indices {bad} have NaN or infinite pixels.")
-        return videos.detach().float().clamp(0, 1).permute(0, 1, 3, 4, 2).cpu().numpy()
-
     def score(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """(B,) 0/1 scores of (B, F, 3, H, W) clips against their captions."""
         specs = [parse_video_caption(p) for p in prompts]  # parse first: a bad caption fails before any work
-        clips = self._clips(videos)
+        clips = clip_pixels(videos, self.name)
         return torch.tensor([float(verify_clip(c, s, None, self.max_missing, self.min_displacement,
                                                self.speed_threshold)) for c, s in zip(clips, specs)])
 
@@ -194,13 +197,10 @@ class ShapesVideoVerifier(Reward):
             out = check_scores(self.score(videos, prompts), videos.shape[0], self.name)
         return out.float().to(videos.device)
 
-    @torch.no_grad()
     def motion(self, videos: torch.Tensor) -> torch.Tensor:
-        """(B,) mean displacement of the tracked objects of each clip, in canvas fractions per clip."""
-        videos, _ = self.check_inputs(videos, [""] * len(videos) if torch.is_tensor(videos) else None)
-        clips = self._clips(videos)
-        out = torch.tensor([clip_motion(c, None, self.max_missing) for c in clips], dtype=torch.float32)
-        return check_scores(out, len(clips), self.name).to(videos.device)
+        """(B,) mean displacement of the tracked objects of each clip, in canvas fractions per clip (the
+        ``shapes-video-motion`` reward)."""
+        return ShapesVideoMotion(self.max_missing)(videos)
 
     @torch.no_grad()
     def evaluate(self, videos: torch.Tensor, prompts: str | list[str]) -> dict[str, float]:
@@ -210,3 +210,33 @@ class ShapesVideoVerifier(Reward):
         cats = np.array([parse_video_caption(p).category for p in prompts])
         return {"overall": float(scores.mean()), **{c: float(scores[cats == c].mean()) for c in VIDEO_CATEGORIES
                                                      if (cats == c).any()}}
+
+
+@register("shapes-video-motion")
+class ShapesVideoMotion(Reward):
+    """How far the objects of a moving-shapes clip travel, as the verifier's tracker sees it: per clip, the mean
+    over the tracked objects of the magnitude of their displacement (``clip_motion``: canvas fractions per clip;
+    the renderer's slow motion is 0.15-0.25, quick 0.45-0.60), and 0 where no object is tracked.
+
+    Unlike ``motion`` (the mean pixel change), flicker earns nothing here, and neither do fragmented or
+    duplicated shapes, which the tracker cannot follow: it rewards clips whose shapes hold together and move.
+    That makes it the motion objective for Re-DMD on shapes-wan (``configs/re-dmd/shapes-wan.yaml``).
+    Takes (B, F, 3, H, W) clips in [0, 1]; prompts are unused. Non-differentiable.
+    """
+
+    differentiable = False
+    uses_prompts = False
+
+    def __init__(self, max_missing: float = MAX_MISSING):
+        super().__init__()
+        if not 0 <= max_missing < 1:
+            raise ValueError(f"max_missing must be in [0, 1), got {max_missing}.")
+        self.max_missing = max_missing
+
+    @torch.no_grad()
+    def forward(self, videos: torch.Tensor, prompts: str | list[str] | None = None) -> torch.Tensor:
+        """(B, F, 3, H, W) clips -> (B,) float32 tracked displacement."""
+        videos, _ = self.check_inputs(videos, prompts)
+        clips = clip_pixels(videos, self.name)
+        out = torch.tensor([clip_motion(c, None, self.max_missing) for c in clips], dtype=torch.float32)
+        return check_scores(out, len(clips), self.name).to(videos.device)

@@ -574,12 +574,12 @@ def default_eval_rewards(reward: str, world: str | None, is_video: bool) -> list
     embedded world's judges when every held-out prompt is a caption of that world (``world``, from
     :func:`flowalign.trainers.data.world_of`) and the model makes that world's kind of sample. Image models on
     shapes captions: ``shapes-geneval`` and ``shapes-clip``; video models on moving-shapes captions:
-    ``shapes-video``. Any other pairing (a video model on image captions) adds nothing: the image verifier would
-    judge each frame as a still."""
+    ``shapes-video`` and ``shapes-video-motion`` (the tracked motion). Any other pairing (a video model on image
+    captions) adds nothing: the image verifier would judge each frame as a still."""
     if world == "shapes" and not is_video:
         extra = ["shapes-geneval", "shapes-clip"]
     elif world == "shapes-video" and is_video:
-        extra = ["shapes-video"]
+        extra = ["shapes-video", "shapes-video-motion"]
     else:
         extra = []
     return [reward] + [n for n in extra if n != reward]
