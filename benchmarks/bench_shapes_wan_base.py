@@ -10,6 +10,9 @@ Samples ``--per-category`` held-out moving-shapes prompts per category (the mode
 - ``temporal_consistency``: the ``temporal-consistency`` reward (minus the flicker; 0 for a clip whose frames never
   reverse a change, which includes one whose frames repeat in pairs).
 
+``per_clip`` keeps the verifier, ``motion`` and tracked motion of every clip (the same prompts and noise for every
+model), for paired comparisons between models.
+
 It also saves every frame of the first 16 clips as a PNG, one clip per row.
 
     python benchmarks/bench_shapes_wan_base.py [--model shapes-wan|runs/re-dmd-shapes-wan/student] [--per-category 8]
@@ -58,12 +61,16 @@ def main(argv=None) -> dict:
     captions = [s.caption() for s in shapes_video.eval_prompts("test", args.per_category, seed=0)]
     clips = fa.sample(model, captions, generator=torch.Generator().manual_seed(0)).images
     rows = [frame_scores(c, t) for c, t in zip(clips, captions)]
+    per_clip = {"verifier": ShapesVideoVerifier()(clips, captions).tolist(),
+                "motion_reward": MotionReward()(clips, captions).tolist(),
+                "tracked_motion": [r["tracked_motion"] for r in rows]}
     result = {"model": args.model, "n": len(captions),
-              "verifier": round(ShapesVideoVerifier()(clips, captions).mean().item(), 3),
-              "motion_reward": round(MotionReward()(clips, captions).mean().item(), 4),
+              "verifier": round(sum(per_clip["verifier"]) / len(rows), 3),
+              "motion_reward": round(sum(per_clip["motion_reward"]) / len(rows), 4),
               "temporal_consistency": round(TemporalConsistency()(clips, captions).mean().item(), 4),
-              **{k: round(sum(r[k] for r in rows) / len(rows), 3) for k in rows[0]}}
-    print(json.dumps(result))
+              **{k: round(sum(r[k] for r in rows) / len(rows), 3) for k in rows[0]},
+              "per_clip": {k: [round(v, 4) for v in vs] for k, vs in per_clip.items()}}
+    print(json.dumps({k: v for k, v in result.items() if k != "per_clip"}))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

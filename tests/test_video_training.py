@@ -341,9 +341,11 @@ def test_video_run_evaluation_writes_animated_grids_and_the_video_verifier(tmp_p
         assert gif.n_frames == 5 and gif.size == (8 * (2 * 16 + 6), 8 * (16 + 4))  # 2 tiles, upscaled to 128 px
     assert run.last_grid.shape == (3, 16 + 4, 2 * 16 + 6)  # the first frame, logged to TensorBoard
     assert any((out / "tensorboard").iterdir())
-    assert set(run.eval_rewards()) == {"frame-motion", "shapes-video"}
+    assert set(run.eval_rewards()) == {"frame-motion", "shapes-video", "shapes-video-motion"}
     last = _records(out)[-1]
-    assert {"eval/frame-motion", "eval/shapes-video", "eval/shapes-video/motion", "eval/shapes-video/pair"} <= set(last)
+    assert {"eval/frame-motion", "eval/shapes-video", "eval/shapes-video/motion", "eval/shapes-video/pair",
+            "eval/shapes-video-motion"} <= set(last)
+    assert last["eval/shapes-video-motion"] >= 0
     assert "samples/epoch-0001.gif" in (out / "report.md").read_text()
 
 

@@ -220,7 +220,7 @@ class ShapesVideoMotion(Reward):
 
     Unlike ``motion`` (the mean pixel change), flicker earns nothing here, and neither do fragmented or
     duplicated shapes, which the tracker cannot follow: it rewards clips whose shapes hold together and move.
-    That makes it the motion objective for Re-DMD on shapes-wan (``configs/re-dmd/shapes-wan.yaml``).
+    Re-DMD on shapes-wan can weight by it (``configs/re-dmd/shapes-wan-tracked.yaml``).
     Takes (B, F, 3, H, W) clips in [0, 1]; prompts are unused. Non-differentiable.
     """
 

@@ -17,7 +17,9 @@ samples it as trained. Each epoch:
 
 Re-DMD (Reward Forcing) weights each sample's DM loss by ``exp(reward_beta * r_hat)`` with ``r_hat`` the
 reward of the student's x0 prediction, standardised over the batch (``reward_standardize: false``: the raw
-reward, as published).
+reward, as published). The weights choose which samples the student fits hardest, not where DMD converges: once
+the student matches the teacher, every sample's DM direction is zero whatever its weight. So Re-DMD can tilt the
+student toward the reward only where and while it cannot match the teacher (measured in benchmarks/README.md).
 
 The optional adversarial term (``gan_weight > 0``; DMD2's diffusion-GAN) adds ``gan_weight * softplus(-D(x))`` to
 the student's loss, ``D`` a head on the critic's middle-block features of noised samples (``disc: critic``) or on a
