@@ -66,12 +66,12 @@ def paired(a: list[list[float]], b: list[list[float]]) -> dict:
 
 def student_scores(run: Path, per_category: int, threads: int) -> dict:
     """``bench_shapes_wan_base.py`` on the run's student, kept in ``<run>/student_frames.json`` and reused from
-    there when it already holds the same prompts' clip-by-clip scores."""
+    there when it already holds the same prompts' clip-by-clip scores and is newer than the student."""
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_shapes_wan_base import main as frame_scores
 
     path = run / "student_frames.json"
-    if path.exists():
+    if path.exists() and path.stat().st_mtime >= (run / "student").stat().st_mtime:
         kept = json.loads(path.read_text())
         if kept.get("n") == 3 * per_category and "per_clip" in kept:
             return kept
