@@ -31,6 +31,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_shapes_wan_base import main as frame_scores  # noqa: E402  (a sibling script)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = {"dmd": "dmd/shapes-wan.yaml", "re-dmd": "re-dmd/shapes-wan.yaml",
@@ -67,9 +70,6 @@ def paired(a: list[list[float]], b: list[list[float]]) -> dict:
 def student_scores(run: Path, per_category: int, threads: int) -> dict:
     """``bench_shapes_wan_base.py`` on the run's student, kept in ``<run>/student_frames.json`` and reused from
     there when it already holds the same prompts' clip-by-clip scores and is newer than the student."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_shapes_wan_base import main as frame_scores
-
     path = run / "student_frames.json"
     if path.exists() and path.stat().st_mtime >= (run / "student").stat().st_mtime:
         kept = json.loads(path.read_text())
