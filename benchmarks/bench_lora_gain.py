@@ -6,7 +6,9 @@ Samples every held-out test-split prompt (118) once per noise seed with the base
 from the same initial noise, at 20 ODE steps, and scores them with the exact verifier. Because base and aligned
 samples share prompt and noise, the per-sample difference (-1, 0 or +1) gives the gain and its standard error
 (std of the differences / sqrt(n)), overall and per category; a gain of two standard errors or more is what
-benchmarks/README.md calls a clear margin. Writes ``results/lora_gain[_TAG].json``.
+benchmarks/README.md calls a clear margin. ``--proxy`` also scores the same samples with the shapes-clip proxy,
+paired the same way, which shows whether a run trained on the proxy raised it and whether the verifier followed.
+Writes ``results/lora_gain[_TAG].json``.
 """
 
 from __future__ import annotations
@@ -21,13 +23,28 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def scores(model, prompts: list[str], seed: int, cfg: float | None) -> torch.Tensor:
+def scores(model, prompts: list[str], seed: int, cfg: float | None, proxy=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The verifier's scores of one noise seed's samples, and the proxy's (empty without one)."""
     import flowalign as fa
     from flowalign.evaluation import evaluate
 
     res = evaluate(model, fa.rewards.load("shapes-geneval"), prompts, num_steps=20, guidance_scale=cfg, seed=seed,
                    progress=False, return_images=True)
-    return res["scores"]
+    if proxy is None:
+        return res["scores"], torch.empty(0)
+    with torch.no_grad():
+        return res["scores"], proxy(res["images"], prompts).float().cpu()
+
+
+def score_seeds(model, prompts: list[str], seeds: list[int], cfg: float | None, proxy) -> tuple[torch.Tensor, ...]:
+    verifier, clip = zip(*(scores(model, prompts, s, cfg, proxy) for s in seeds))
+    return torch.cat(verifier), torch.cat(clip)
+
+
+def report(name: str, result: dict) -> None:
+    print(name)
+    for cat, r in result.items():
+        print(f"  {cat:9s} {r['base']:.3f} -> {r['aligned']:.3f}  gain {r['gain']:+.3f} +- {r['se']:.3f}  (n={r['n']})")
 
 
 def paired(base: torch.Tensor, aligned: torch.Tensor, cats: list[str]) -> dict:
@@ -48,6 +65,7 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's own, 4).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--proxy", action="store_true", help="Also score every sample with shapes-clip (paired).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -56,18 +74,21 @@ def main() -> None:
 
     prompts, cats = shapes_prompts("test", 50, seed=0)  # 50 per category: the whole split, 118 prompts
     model = fa.load_model("shapes-sd3")
-    base = torch.cat([scores(model, prompts, s, args.cfg) for s in args.seeds])
+    proxy = fa.rewards.load("shapes-clip") if args.proxy else None
+    base, base_clip = score_seeds(model, prompts, args.seeds, args.cfg, proxy)
     all_cats = cats * len(args.seeds)
     results = {"prompts": len(prompts), "seeds": args.seeds, "cfg": args.cfg, "loras": {}}
+    if proxy is not None:
+        results["proxy"] = {}
     for lora in args.loras:
         model = fa.load_model("shapes-sd3")
         model.load_lora(lora)
-        aligned = torch.cat([scores(model, prompts, s, args.cfg) for s in args.seeds])
+        aligned, aligned_clip = score_seeds(model, prompts, args.seeds, args.cfg, proxy)
         results["loras"][lora] = paired(base, aligned, all_cats)
-        print(lora)
-        for name, r in results["loras"][lora].items():
-            print(f"  {name:9s} {r['base']:.3f} -> {r['aligned']:.3f}  gain {r['gain']:+.3f} +- {r['se']:.3f}"
-                  f"  (n={r['n']})")
+        report(lora, results["loras"][lora])
+        if proxy is not None:
+            results["proxy"][lora] = paired(base_clip, aligned_clip, all_cats)
+            report(f"{lora} (shapes-clip)", results["proxy"][lora])
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"lora_gain{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(results, indent=1))
