@@ -37,6 +37,7 @@ def scores(model, prompts: list[str], seed: int, cfg: float | None, proxy=None) 
 
 
 def score_seeds(model, prompts: list[str], seeds: list[int], cfg: float | None, proxy) -> tuple[torch.Tensor, ...]:
+    """Verifier and proxy scores over every noise seed, concatenated in seed order."""
     verifier, clip = zip(*(scores(model, prompts, s, cfg, proxy) for s in seeds))
     return torch.cat(verifier), torch.cat(clip)
 
