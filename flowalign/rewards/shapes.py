@@ -93,7 +93,8 @@ def parse_caption(text: str) -> Spec:
 @dataclass(frozen=True)
 class Detection:
     """An object: colour, shape, centre (x, y) (the centroid; for a triangle the renderer's anchor, 0.15 r above
-    it), area in pixels, bbox (x0, y0, x1, y1) with exclusive ends, L1 distance to the nearest template."""
+    it), area in pixels, bbox (x0, y0, x1, y1) with exclusive ends, L1 distance to the nearest template, and
+    the distance to every template as ((shape, error), ...) in ``SHAPES`` order (empty when not measured)."""
 
     color: str
     shape: str
@@ -102,6 +103,7 @@ class Detection:
     area: float
     bbox: tuple[int, int, int, int]
     fit_error: float
+    template_errors: tuple[tuple[str, float], ...] = ()
 
 
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float64)
@@ -231,7 +233,8 @@ def analyse(image, min_area: float = 0.004, max_residual: float = 60.0, max_shap
         ox, oy = _TEMPLATES[shape][1] * np.sqrt(mass) if shape != "unknown" else (0.0, 0.0)
         ys, xs = np.nonzero(comp == root)
         bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        out.append(Detection(list(COLORS)[color], shape, float(gx + ox), float(gy + oy), float(mass), bbox, float(err)))
+        out.append(Detection(list(COLORS)[color], shape, float(gx + ox), float(gy + oy), float(mass), bbox, float(err),
+                             tuple((s, float(e)) for s, e in errors.items())))
     return out
 
 
