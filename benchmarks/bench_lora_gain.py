@@ -1,13 +1,15 @@
 """Is an aligned LoRA better than the base on held-out shapes? A paired comparison on the same prompts and noise.
 
     python benchmarks/bench_lora_gain.py RUN/lora [RUN2/lora ...] [--seeds 0 1] [--cfg 4] [--threads 2] [--tag T]
+                                         [--proxy [REWARD]]
 
 Samples every held-out test-split prompt (118) once per noise seed with the base model and with each LoRA loaded,
 from the same initial noise, at 20 ODE steps, and scores them with the exact verifier. Because base and aligned
 samples share prompt and noise, the per-sample difference (-1, 0 or +1) gives the gain and its standard error
 (std of the differences / sqrt(n)), overall and per category; a gain of two standard errors or more is what
-benchmarks/README.md calls a clear margin. ``--proxy`` also scores the same samples with the shapes-clip proxy,
-paired the same way, which shows whether a run trained on the proxy raised it and whether the verifier followed.
+benchmarks/README.md calls a clear margin. ``--proxy [REWARD]`` also scores the same samples with a training
+reward (default the shapes-clip proxy; for example ``shapes-geneval-soft``), paired the same way, which shows
+whether a run raised the reward it trained on and whether the verifier followed.
 Writes ``results/lora_gain[_TAG].json``.
 """
 
@@ -66,7 +68,8 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's own, 4).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="")
-    ap.add_argument("--proxy", action="store_true", help="Also score every sample with shapes-clip (paired).")
+    ap.add_argument("--proxy", nargs="?", const="shapes-clip", default=None, metavar="REWARD",
+                    help="Also score every sample with this reward, paired (default when given: shapes-clip).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -75,12 +78,12 @@ def main() -> None:
 
     prompts, cats = shapes_prompts("test", 50, seed=0)  # 50 per category: the whole split, 118 prompts
     model = fa.load_model("shapes-sd3")
-    proxy = fa.rewards.load("shapes-clip") if args.proxy else None
+    proxy = fa.rewards.load(args.proxy) if args.proxy else None
     base, base_clip = score_seeds(model, prompts, args.seeds, args.cfg, proxy)
     all_cats = cats * len(args.seeds)
     results = {"prompts": len(prompts), "seeds": args.seeds, "cfg": args.cfg, "loras": {}}
     if proxy is not None:
-        results["proxy"] = {}
+        results["proxy"], results["proxy_reward"] = {}, args.proxy
     for lora in args.loras:
         model = fa.load_model("shapes-sd3")
         model.load_lora(lora)
@@ -89,7 +92,7 @@ def main() -> None:
         report(lora, results["loras"][lora])
         if proxy is not None:
             results["proxy"][lora] = paired(base_clip, aligned_clip, all_cats)
-            report(f"{lora} (shapes-clip)", results["proxy"][lora])
+            report(f"{lora} ({args.proxy})", results["proxy"][lora])
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"lora_gain{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(results, indent=1))
