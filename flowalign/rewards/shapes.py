@@ -244,9 +244,15 @@ def relation_holds(a: Detection, b: Detection, relation: str, size: float, margi
     """Whether ``a`` is ``relation`` ("left of", "right of", "above", "below") ``b``: the offset of the centres
     along the named axis exceeds ``margin * size`` and the offset across it is smaller, give or take
     ``slack * size`` (the renderer draws on a quarter-pixel grid, so a centre is known to about 0.1 px)."""
-    dx, dy = a.x - b.x, a.y - b.y
-    along, across = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[relation]
+    along, across = relation_offsets(a, b, relation)
     return along > margin * size and abs(across) < along + slack * size
+
+
+def relation_offsets(a: Detection, b: Detection, relation: str) -> tuple[float, float]:
+    """The offset of ``a``'s centre from ``b``'s along ``relation``'s direction (positive where it holds) and
+    across it."""
+    dx, dy = a.x - b.x, a.y - b.y
+    return {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[relation]
 
 
 def verify(image, spec: Spec | str, strict: bool = True, objects: list[Detection] | None = None) -> bool:
@@ -276,9 +282,14 @@ def _multisets(spec: Spec, objects: list[Detection]) -> tuple[Counter, Counter]:
 
 def _pairs_in_relation(image, spec: Spec, objects: list[Detection]) -> list[bool]:
     """For every (A, B) pair of objects matching the position caption's two objects: whether A is in the relation."""
-    size = min(np.shape(image)[-3:-1] if not torch.is_tensor(image) else image.shape[-2:])
+    size = image_side(image)
     a, b = ([o for o in objects if (o.color, o.shape) == (t.color, t.shape)] for t in spec.objects)
     return [relation_holds(p, q, spec.relation, size) for p in a for q in b]
+
+
+def image_side(image) -> int:
+    """The shorter side in pixels of a (3, H, W) tensor or an (H, W, 3) array."""
+    return min(image.shape[-2:] if torch.is_tensor(image) else np.shape(image)[-3:-1])
 
 
 def partial_score(image, spec: Spec | str, objects: list[Detection] | None = None) -> float:

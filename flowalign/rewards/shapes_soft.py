@@ -26,10 +26,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from flowalign.rewards.base import register
-from flowalign.rewards.shapes import Detection, ShapesVerifier, analyse, parse_caption
+from flowalign.rewards.shapes import (
+    Detection,
+    ShapesVerifier,
+    analyse,
+    image_side,
+    parse_caption,
+    relation_offsets,
+)
 from flowalign.zoo.shapes_data import Spec
 
 
@@ -50,8 +56,7 @@ def shape_confidence(d: Detection, shape: str, temperature: float = 0.03, max_sh
 def relation_confidence(a: Detection, b: Detection, relation: str, size: float, temperature: float = 0.03,
                         margin: float = 0.1, slack: float = 0.02) -> float:
     """The soft ``relation_holds``: both of its margins through a logistic at ``temperature * size``."""
-    dx, dy = a.x - b.x, a.y - b.y
-    along, across = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[relation]
+    along, across = relation_offsets(a, b, relation)
     t = temperature * size
     return _sigmoid((along - margin * size) / t) * _sigmoid((along + slack * size - abs(across)) / t)
 
@@ -71,7 +76,7 @@ def soft_score(image, spec: Spec | str, objects: list[Detection] | None = None, 
         conf[i, :], conf[:, j] = -1.0, -1.0
     score = sum(c for _, c in match.values()) / max(len(wanted), len(objects))
     if spec.category == "position":
-        size = min(image.shape[-2:] if torch.is_tensor(image) else np.shape(image)[-3:-1])
+        size = image_side(image)
         pair = 0.0
         if 0 in match and 1 in match:
             pair = relation_confidence(objects[match[0][0]], objects[match[1][0]], spec.relation, size,
