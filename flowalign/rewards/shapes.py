@@ -107,6 +107,8 @@ class Detection:
 
 
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float64)
+MAX_SHAPE_ERROR = 0.25  # the largest template fit error that still names a shape (module docstring, step 4)
+RELATION_MARGIN, RELATION_SLACK = 0.1, 0.02  # position rule, as fractions of the image side (``relation_holds``)
 
 
 def _unit_polygon(shape: str) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +190,7 @@ def _as_rgb255(image) -> np.ndarray:
     return arr.astype(np.float64) if arr.dtype == np.uint8 else np.clip(arr.astype(np.float64), 0, 1) * 255
 
 
-def analyse(image, min_area: float = 0.004, max_residual: float = 60.0, max_shape_error: float = 0.25,
+def analyse(image, min_area: float = 0.004, max_residual: float = 60.0, max_shape_error: float = MAX_SHAPE_ERROR,
             blur: int = 2, fringe: int = 2) -> list[Detection]:
     """The objects in ``image``, a (3, H, W) tensor in [0, 1] or an (H, W, 3) array; the steps and knobs are in
     the module docstring (``max_residual`` is an RGB distance on the 0-255 scale)."""
@@ -239,8 +241,8 @@ def analyse(image, min_area: float = 0.004, max_residual: float = 60.0, max_shap
 
 
 # ------------------------------------------------------------------------------------------------ rules
-def relation_holds(a: Detection, b: Detection, relation: str, size: float, margin: float = 0.1,
-                   slack: float = 0.02) -> bool:
+def relation_holds(a: Detection, b: Detection, relation: str, size: float, margin: float = RELATION_MARGIN,
+                   slack: float = RELATION_SLACK) -> bool:
     """Whether ``a`` is ``relation`` ("left of", "right of", "above", "below") ``b``: the offset of the centres
     along the named axis exceeds ``margin * size`` and the offset across it is smaller, give or take
     ``slack * size`` (the renderer draws on a quarter-pixel grid, so a centre is known to about 0.1 px)."""

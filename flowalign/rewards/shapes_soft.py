@@ -29,6 +29,9 @@ import numpy as np
 
 from flowalign.rewards.base import register
 from flowalign.rewards.shapes import (
+    MAX_SHAPE_ERROR,
+    RELATION_MARGIN,
+    RELATION_SLACK,
     Detection,
     ShapesVerifier,
     analyse,
@@ -43,7 +46,8 @@ def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
 
 
-def shape_confidence(d: Detection, shape: str, temperature: float = 0.03, max_shape_error: float = 0.25) -> float:
+def shape_confidence(d: Detection, shape: str, temperature: float = 0.03,
+                     max_shape_error: float = MAX_SHAPE_ERROR) -> float:
     """How surely ``d`` is a ``shape``: the logistic of the margin by which ``shape``'s template beats the others
     and ``max_shape_error`` (a Detection without ``template_errors`` counts as certain of its own shape)."""
     errors = dict(d.template_errors)
@@ -54,7 +58,7 @@ def shape_confidence(d: Detection, shape: str, temperature: float = 0.03, max_sh
 
 
 def relation_confidence(a: Detection, b: Detection, relation: str, size: float, temperature: float = 0.03,
-                        margin: float = 0.1, slack: float = 0.02) -> float:
+                        margin: float = RELATION_MARGIN, slack: float = RELATION_SLACK) -> float:
     """The soft ``relation_holds``: both of its margins through a logistic at ``temperature * size``."""
     along, across = relation_offsets(a, b, relation)
     t = temperature * size
