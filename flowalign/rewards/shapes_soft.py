@@ -94,8 +94,8 @@ class ShapesSoftVerifier(ShapesVerifier):
     """:func:`soft_score`, the verifier's partial credit with confidences: a dense training reward whose ties are
     rare. Its ``evaluate`` gives the mean soft score; report accuracy with ``shapes-geneval``."""
 
-    def __init__(self, shape_temperature: float = 0.03, position_temperature: float = 0.03):
-        super().__init__(strict=True)
+    def __init__(self, shape_temperature: float = 0.03, position_temperature: float = 0.03, workers: int = 0):
+        super().__init__(strict=True, workers=workers)
         self.shape_temperature, self.position_temperature = shape_temperature, position_temperature
 
     def judge(self, image: np.ndarray, spec: Spec) -> float:

@@ -47,6 +47,8 @@ class TrainConfig:
     task: str = field("grpo", "What `flowalign train` runs (grpo, crd, ...).")
     model: str = field("shapes-sd3", "Generator: bundled name, diffusers directory or hub id.")
     reward: str = field("shapes-geneval", "Training reward: registered name or 'package.module:Class'.")
+    reward_kwargs: dict[str, Any] = field({}, "Keywords for the training reward's constructor, e.g. {workers: 8}: "
+                                              "the shapes verifiers judge a batch in 8 processes.")
     prompts: str = field("shapes-train", "Training prompts: shapes-train / shapes-test (images), shapes-video-train / "
                                          "shapes-video-test (video), a .txt file (one per line) or a .jsonl file "
                                          "({\"prompt\": ...} per line).")
@@ -170,7 +172,8 @@ class Run:
         device = cfg.device if cfg.device and not cfg.device.startswith("cuda") else acc.device
         dtype = None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)  # fp32 is how weights load
         self.model = fa.load_model(model if model is not None else cfg.model, device=device, dtype=dtype)
-        self.reward = (reward if reward is not None else fa.rewards.load(cfg.reward)).to(self.model.device)
+        reward = reward if reward is not None else fa.rewards.load(cfg.reward, **cfg.reward_kwargs)
+        self.reward = reward.to(self.model.device)
         self._eval_rewards = None
         transformer = self.model.transformer
         if cfg.finetune == "lora":
