@@ -270,3 +270,22 @@ def test_video_scores_mean_of_frames():
     frame = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255
     video = torch.stack([frame, torch.rand_like(frame)])[None]  # (1, F=2, 3, H, W)
     assert ShapesVerifier()(video, [spec.caption()]).tolist() == [0.5]
+
+
+@pytest.mark.parametrize("name", ["shapes-geneval", "shapes-geneval-partial", "shapes-geneval-soft"])
+def test_worker_processes_judge_exactly_as_in_process(name):
+    """``workers=2`` forks a pool for the batch; every score equals the in-process one, on right and wrong
+    captions, and the pool is reused by the next call."""
+    data = renders(24, "test", seed=5, size=32)
+    images = torch.from_numpy(np.stack([im for im, _, _ in data])).permute(0, 3, 1, 2).float() / 255
+    captions = [s.caption() for _, s, _ in data]
+    captions = captions[:12] + captions[13:] + captions[12:13]  # half of them describe another image
+    expected = fr.load(name)(images, captions)
+    pooled = fr.load(name, workers=2)
+    assert torch.equal(pooled(images, captions), expected)
+    assert pooled._pool is not None
+    assert torch.equal(pooled(images.flip(0), captions[::-1]), expected.flip(0))
+    with pytest.raises(ValueError, match="workers"):
+        fr.load(name, workers=-1)
+    with pytest.raises(TypeError, match=f"{name}.*bogus"):
+        fr.load(name, bogus=1)

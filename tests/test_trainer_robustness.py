@@ -392,3 +392,19 @@ def test_crd_train_batch_size_must_hold_whole_groups():
     assert "train_batch_size" in str(e.value) and "group_size=4" in str(e.value)
     assert load_config(CRDConfig, {"group_size": 4, "train_batch_size": 8}).train_batch_size == 8
     assert load_config(GRPOConfig, {"group_size": 4, "train_batch_size": 6}).train_batch_size == 6  # GRPO: any
+
+
+def test_reward_kwargs_reach_the_reward(tmp_path):
+    """``reward_kwargs`` are the training reward's constructor keywords: a worker pool trains; a keyword the
+    reward does not take fails before any rollout, naming the reward and the keyword."""
+    prompts = tmp_path / "shapes.txt"
+    prompts.write_text("a red circle\nthree green triangles\n")
+    settings = _settings("grpo", tmp_path, tmp_path / "run", prompts=str(prompts), epochs=1,
+                         reward="shapes-geneval-soft", reward_kwargs={"workers": 2})
+    train_grpo(load_config(GRPOConfig, settings))
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 <= epochs[-1]["reward/mean"] <= 1 and (tmp_path / "run" / LORA_FILE).exists()
+    settings.update(reward_kwargs={"bogus": 1}, out=str(tmp_path / "bad"))
+    with pytest.raises(TypeError, match="shapes-geneval-soft.*bogus"):
+        train_grpo(load_config(GRPOConfig, settings))
+    assert not (tmp_path / "bad" / "checkpoints").exists()

@@ -157,7 +157,12 @@ def load(name_or_path, **kwargs) -> Reward:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"Unknown reward {name_or_path!r}.{hint} Registered rewards: "
                          f"{', '.join(available())}; or pass an import path 'package.module:Class'.")
-    reward = factory(**kwargs)
+    try:
+        reward = factory(**kwargs)
+    except TypeError as e:
+        if not kwargs:
+            raise
+        raise TypeError(f"Reward {name_or_path!r} does not take the keywords {kwargs}: {e}") from e
     if not isinstance(reward, Reward):
         raise TypeError(f"{name_or_path!r} built a {type(reward).__name__}, not a flowalign.rewards.Reward; "
                         "subclass Reward and implement score(images, prompts).")
