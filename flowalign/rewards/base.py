@@ -162,7 +162,7 @@ def load(name_or_path, **kwargs) -> Reward:
     except TypeError as e:
         if not kwargs:
             raise
-        raise TypeError(f"Reward {name_or_path!r} does not take the keywords {kwargs}: {e}") from e
+        raise TypeError(f"Reward {name_or_path!r} could not be built with the keywords {kwargs}: {e}") from e
     if not isinstance(reward, Reward):
         raise TypeError(f"{name_or_path!r} built a {type(reward).__name__}, not a flowalign.rewards.Reward; "
                         "subclass Reward and implement score(images, prompts).")
