@@ -1,6 +1,6 @@
 """How much signal one optimizer step carries: the signal-to-noise ratio of a trainer's gradient at the base.
 
-    python benchmarks/gradient_snr.py [--algo grpo|crd] [--draws 4] [--threads 1] [--tag NAME] [KEY=VALUE ...]
+    python benchmarks/gradient_snr.py [--algo grpo|crd|d3po|dpo] [--draws 4] [--threads 1] [--tag NAME] [KEY=VALUE ...]
 
 The KEY=VALUE overrides go to ``configs/grpo/shapes.yaml`` (``--algo grpo``; for example ``reward=shapes-geneval-partial
 guidance_scale=4.0 groups_per_epoch=32 same_noise=true sde_window_range=0.1``) or ``configs/crd/shapes-verifier.yaml``
@@ -12,7 +12,11 @@ over its samples:
   g_k is the plain policy gradient -mean_i A_i grad log p(step_i) over the trained SDE steps;
 - crd: the old snapshot and the KL reference equal the base, so the KL's gradient is 0 and g_k is the gradient of
   CRD's centred regression of the implicit reward (velocity errors on forward-noised samples, ``train_timesteps``
-  noise levels) onto the centred reward.
+  noise levels) onto the centred reward;
+- d3po (``configs/d3po/shapes.yaml``): every ratio is 1, inside the clamp, so g_k is -beta/2 times the difference of
+  the preferred and the other sample's step log-prob gradients (a policy gradient with advantages +-1 per pair);
+- dpo (``configs/dpo/shapes.yaml``): the policy's errors equal the reference's, so g_k is beta/4 times the
+  difference of the chosen and the rejected samples' flow-matching-error gradients, summed over the group's pairs.
 
 Groups are independent draws, so with K of them:
 
@@ -107,8 +111,72 @@ def crd_group_gradients(run, algo, epoch: int) -> tuple[list[torch.Tensor], list
     return out, r.tolist()
 
 
+def d3po_group_gradients(run, algo, epoch: int) -> tuple[list[torch.Tensor], list[float]]:
+    """One epoch of D3PO's rollouts (``group_size`` samples per prompt from one noise): the gradient of each prompt
+    group's D3PO loss over its preferred pairs, each minibatch's ``timestep_fraction`` of the steps drawn per group.
+    At the base the policy is the reference, so every ratio is 1 (inside the clamp)."""
+    from flowalign.functional.d3po import d3po_loss, preference_pairs
+    from flowalign.sampling.sampler import log_prob
+
+    cfg = algo.cfg
+    shared, local = run.generators(epoch)
+    prompts, groups = run.epoch_prompts(shared)
+    traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta, same_noise_per_prompt=cfg.same_noise)
+    r = run.score(traj)
+    steps = traj.stochastic.nonzero().flatten().tolist()
+    n_train = max(1, round(cfg.timestep_fraction * len(steps)))
+    out = []
+    for k in range(len(prompts)):
+        idx = torch.arange(k * cfg.group_size, (k + 1) * cfg.group_size)
+        w, lo = preference_pairs(r[idx], torch.zeros(len(idx), dtype=torch.long))
+        if not len(w):
+            out.append(zeros(run.params))
+            continue
+        cols = [steps[c] for c in torch.randperm(len(steps), generator=local)[:n_train].tolist()]
+        lp = log_prob(run.model, traj.index(idx), steps=cols)  # (group, len(cols))
+        loss = sum(d3po_loss(lp[w, c], lp[lo, c], lp[w, c].detach(), lp[lo, c].detach(), cfg.beta, cfg.eps)[0]
+                   for c in range(len(cols))) / len(cols)
+        out.append(flat_grad(loss, run.params))
+    return out, r.tolist()
+
+
+def dpo_group_gradients(run, algo, epoch: int) -> tuple[list[torch.Tensor], list[float]]:
+    """One epoch of Flow-DPO's online rollouts: the gradient of each prompt group's DPO loss over its pairs
+    (``pairing``, ``pair_margin``), one shared noise level and noise per pair. At the base the policy's errors are
+    the reference's, so the loss is log 2 and its gradient is beta/4 (grad err_w - grad err_l)."""
+    from flowalign.functional.dpo import flow_dpo_loss, flow_matching_error, preference_pairs
+    from flowalign.trainers.dpo import noised, train_conditioning
+
+    cfg, model = algo.cfg, run.model
+    shared, local = run.generators(epoch)
+    prompts, groups = run.epoch_prompts(shared)
+    traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta)
+    r = run.score(traj)
+    cond = train_conditioning(model, traj.cond, traj.prompts, cfg.train_guidance_scale)
+    out = []
+    for k in range(len(prompts)):
+        idx = torch.arange(k * cfg.group_size, (k + 1) * cfg.group_size)
+        w, lo = preference_pairs(r[idx], torch.zeros(len(idx), dtype=torch.long), cfg.pairing, cfg.pair_margin)
+        if not len(w):
+            out.append(zeros(run.params))
+            continue
+        w, lo = idx[w], idx[lo]
+        x0, sub = traj.x0[torch.cat([w, lo])], cond.index(torch.cat([w, lo]))
+        loss = 0.0
+        for _ in range(cfg.train_timesteps):
+            xt, sigma, target = noised(cfg, x0, local, n=len(w))
+            err = flow_matching_error(model.velocity(xt, sigma, sub, cfg.train_guidance_scale), target)
+            p = len(w)  # the trainer averages over pairs, so a group weighs as many pairs as it has
+            loss = loss + p * flow_dpo_loss(err[:p], err[p:], err[:p].detach(), err[p:].detach(), cfg.beta)[0] \
+                / cfg.train_timesteps
+        out.append(flat_grad(loss, run.params))
+    return out, r.tolist()
+
+
 ALGOS = {"grpo": ("configs/grpo/shapes.yaml", grpo_group_gradients),
-         "crd": ("configs/crd/shapes-verifier.yaml", crd_group_gradients)}
+         "crd": ("configs/crd/shapes-verifier.yaml", crd_group_gradients),
+         "d3po": ("configs/d3po/shapes.yaml", d3po_group_gradients),
+         "dpo": ("configs/dpo/shapes.yaml", dpo_group_gradients)}
 
 
 def snr(g: torch.Tensor, splits: int = 50, seed: int = 0) -> dict:
@@ -148,11 +216,14 @@ def main() -> None:
 
     from flowalign.config import load_config
     from flowalign.trainers.crd import CRD, CRDConfig
+    from flowalign.trainers.d3po import D3PO, D3POConfig
+    from flowalign.trainers.dpo import DPO, DPOConfig
     from flowalign.trainers.grpo import GRPO, GRPOConfig
     from flowalign.trainers.loop import Run
 
     config, group_gradients = ALGOS[args.algo]
-    config_cls, algo_cls = {"grpo": (GRPOConfig, GRPO), "crd": (CRDConfig, CRD)}[args.algo]
+    config_cls, algo_cls = {"grpo": (GRPOConfig, GRPO), "crd": (CRDConfig, CRD), "d3po": (D3POConfig, D3PO),
+                            "dpo": (DPOConfig, DPO)}[args.algo]
     t0 = time.perf_counter()
     grads, rewards = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,11 +13,16 @@ weight for the loss" (the authors, VideoAlign issue #7). Each epoch:
 
 The paper leaves the weight's form open (the raw reward or an exponential; VideoAlign issue #7 asks and is not
 answered); the softmax form is the one whose effective learning rate does not depend on the reward's units.
-There is no KL term: the policy is anchored only by fitting its own samples.
+With ``rollout_policy: policy`` (the default) the rollouts come from the current policy: online RWR, which tilts
+again by ``exp(r / tau)`` every epoch and has no anchor but fitting its own samples. ``rollout_policy: reference``
+draws them from the frozen initial model (the LoRA switched off) every epoch instead: the offline Flow-RWR of the
+paper, which trains on a fixed data distribution, so its fixed point is the KL-regularised optimum
+``p* ∝ p_ref exp(r / beta_eff)`` with ``beta_eff = tau * std_ref(r)`` (the rewards are standardised per group).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -43,6 +48,10 @@ class RWRConfig(ForwardConfig):
                                       "rate).", choices=RWR_WEIGHTINGS)
     adv_clip: float = field(5.0, "Group-standardised rewards are clipped to +-adv_clip before weighting.")
     global_std: bool = field(False, "Standardise by the whole batch's std instead of each group's.")
+    rollout_policy: str = field("policy", "Who draws the rollouts: policy = the model being trained (online RWR, "
+                                          "re-tilted every epoch); reference = the frozen initial model (offline "
+                                          "RWR, whose fixed point is p_ref exp(r / (tau std_ref(r))): no drift from "
+                                          "fitting its own samples).", choices=("policy", "reference"))
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,7 +69,8 @@ class RWR:
         cfg, model = self.cfg, run.model
         prompts, groups = run.epoch_prompts(shared)
         t0 = time.perf_counter()
-        traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta)
+        with run.reference() if cfg.rollout_policy == "reference" else contextlib.nullcontext():
+            traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta)
         rewards = run.score(traj)
         t_rollout = time.perf_counter() - t0
         sample_groups = groups.repeat_interleave(cfg.group_size)
