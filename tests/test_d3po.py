@@ -45,6 +45,14 @@ def test_d3po_loss_matches_a_hand_computation():
     torch.testing.assert_close(lp_l.grad, torch.tensor([0.0, beta * sig(-beta * m1) / 2]))
 
 
+def test_d3po_accuracy_reads_the_unclamped_ratios():
+    # both ratios above the clamp: the loss sees a tie (margin 0), the policy still prefers w (log-ratio 0.5 > 0.3)
+    lp_w, lp_l, ref = torch.tensor([0.5, 0.3]), torch.tensor([0.3, 0.5]), torch.zeros(2)
+    loss, info = d3po_loss(lp_w, lp_l, ref, ref, beta=0.1, eps=0.1)
+    assert info["margin"].item() == 0 and info["clip_frac"].item() == 1
+    assert info["accuracy"].item() == 0.5  # pair 0 prefers w, pair 1 prefers l
+
+
 def test_d3po_loss_at_the_reference_and_with_weights():
     lp = torch.randn(4, requires_grad=True)
     loss, info = d3po_loss(lp[:2], lp[2:], lp[:2].detach(), lp[2:].detach(), beta=0.1, eps=0.1)

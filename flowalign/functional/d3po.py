@@ -39,9 +39,10 @@ def d3po_loss(log_prob_w: torch.Tensor, log_prob_l: torch.Tensor, ref_log_prob_w
     """D3PO's per-step DPO loss over ``(P,)`` pairs of step log-probs (see the module doc).
 
     ``weight`` (``(P,)``, e.g. 0 for padding pairs) makes the loss a weighted mean. Returns the loss and
-    diagnostics: ``accuracy`` (fraction of pairs whose clamped implicit reward already prefers w), ``margin``
-    (mean ``log rho_w - log rho_l``), ``clip_frac`` (fraction of ratios outside the clamp) and ``ratio_dev``
-    (largest ``|pi / pi_ref - 1|``; 0 before the first update).
+    diagnostics: ``accuracy`` (fraction of pairs whose unclamped implicit reward ``log pi/pi_ref`` already prefers
+    w: the clamp would count pairs with both ratios clamped as ties), ``margin`` (mean clamped
+    ``log rho_w - log rho_l``, what the loss sees), ``clip_frac`` (fraction of ratios outside the clamp) and
+    ``ratio_dev`` (largest ``|pi / pi_ref - 1|``; 0 before the first update).
     """
     lw = clamped_log_ratio(log_prob_w, ref_log_prob_w, eps)
     ll = clamped_log_ratio(log_prob_l, ref_log_prob_l, eps)
@@ -55,7 +56,7 @@ def d3po_loss(log_prob_w: torch.Tensor, log_prob_l: torch.Tensor, ref_log_prob_w
     with torch.no_grad():
         raw = torch.stack([log_prob_w.float() - ref_log_prob_w.float(), log_prob_l.float() - ref_log_prob_l.float()])
         clipped = ((raw < math.log1p(-eps)) | (raw > math.log1p(eps))).float()
-        info = {"accuracy": (weight * (margin > 0).float()).sum() / total,
+        info = {"accuracy": (weight * (raw[0] > raw[1]).float()).sum() / total,
                 "margin": (weight * margin).sum() / total,
                 "clip_frac": (weight * clipped.mean(0)).sum() / total,
                 "ratio_dev": (raw.exp() - 1).abs().max() if raw.numel() else raw.new_zeros(())}
