@@ -1,7 +1,7 @@
 """Is an aligned LoRA better than the base on held-out shapes? A paired comparison on the same prompts and noise.
 
     python benchmarks/bench_lora_gain.py RUN/lora [RUN2/lora ...] [--seeds 0 1] [--cfg 4] [--threads 2] [--tag T]
-                                         [--proxy [REWARD]]
+                                         [--guided-base SCALE] [--proxy [REWARD]]
 
 Samples every held-out test-split prompt (118) once per noise seed with the base model and with each LoRA loaded,
 from the same initial noise, at 20 ODE steps, and scores them with the exact verifier. Because base and aligned
@@ -9,7 +9,10 @@ samples share prompt and noise, the per-sample difference (-1, 0 or +1) gives th
 (std of the differences / sqrt(n)), overall and per category; a gain of two standard errors or more is what
 benchmarks/README.md calls a clear margin. ``--proxy [REWARD]`` also scores the same samples with a training
 reward (default the shapes-clip proxy; for example ``shapes-geneval-soft``), paired the same way, which shows
-whether a run raised the reward it trained on and whether the verifier followed.
+whether a run raised the reward it trained on and whether the verifier followed. ``--guided-base SCALE`` also
+samples the base with Euphonium guidance (the shapes-clip gradient, normalised, at that scale, on every step of a
+20-step flow-sde) from the same initial noise and compares each LoRA, sampled without guidance, with it: does the
+trained model reach the guided base without the reward model?
 Writes ``results/lora_gain[_TAG].json``.
 """
 
@@ -25,22 +28,24 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def scores(model, prompts: list[str], seed: int, cfg: float | None, proxy=None) -> tuple[torch.Tensor, torch.Tensor]:
+def scores(model, prompts: list[str], seed: int, cfg: float | None, proxy=None, **sample_kwargs
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The verifier's scores of one noise seed's samples, and the proxy's (empty without one)."""
     import flowalign as fa
     from flowalign.evaluation import evaluate
 
     res = evaluate(model, fa.rewards.load("shapes-geneval"), prompts, num_steps=20, guidance_scale=cfg, seed=seed,
-                   progress=False, return_images=True)
+                   progress=False, return_images=True, **sample_kwargs)
     if proxy is None:
         return res["scores"], torch.empty(0)
     with torch.no_grad():
         return res["scores"], proxy(res["images"], prompts).float().cpu()
 
 
-def score_seeds(model, prompts: list[str], seeds: list[int], cfg: float | None, proxy) -> tuple[torch.Tensor, ...]:
+def score_seeds(model, prompts: list[str], seeds: list[int], cfg: float | None, proxy, **sample_kwargs
+                ) -> tuple[torch.Tensor, ...]:
     """Verifier and proxy scores over every noise seed, concatenated in seed order."""
-    verifier, clip = zip(*(scores(model, prompts, s, cfg, proxy) for s in seeds))
+    verifier, clip = zip(*(scores(model, prompts, s, cfg, proxy, **sample_kwargs) for s in seeds))
     return torch.cat(verifier), torch.cat(clip)
 
 
@@ -70,6 +75,8 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--proxy", nargs="?", const="shapes-clip", default=None, metavar="REWARD",
                     help="Also score every sample with this reward, paired (default when given: shapes-clip).")
+    ap.add_argument("--guided-base", type=float, default=None, metavar="SCALE",
+                    help="Also compare each LoRA (unguided) with the base under Euphonium guidance at this scale.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -82,6 +89,14 @@ def main() -> None:
     base, base_clip = score_seeds(model, prompts, args.seeds, args.cfg, proxy)
     all_cats = cats * len(args.seeds)
     results = {"prompts": len(prompts), "seeds": args.seeds, "cfg": args.cfg, "loras": {}}
+    guided = None
+    if args.guided_base is not None:
+        guide = fa.guidance.RewardGuidance(fa.rewards.load("shapes-clip"), scale=args.guided_base, mode="euphonium",
+                                           normalize=True)
+        guided, _ = score_seeds(model, prompts, args.seeds, args.cfg, None, sampler="flow-sde", guidance=guide)
+        results["guided_base"] = {"scale": args.guided_base, "verifier": paired(base, guided, all_cats),
+                                  "vs_loras": {}}
+        report(f"base with Euphonium guidance, scale {args.guided_base}", results["guided_base"]["verifier"])
     if proxy is not None:
         results["proxy"], results["proxy_reward"] = {}, args.proxy
     for lora in args.loras:
@@ -90,6 +105,9 @@ def main() -> None:
         aligned, aligned_clip = score_seeds(model, prompts, args.seeds, args.cfg, proxy)
         results["loras"][lora] = paired(base, aligned, all_cats)
         report(lora, results["loras"][lora])
+        if guided is not None:
+            results["guided_base"]["vs_loras"][lora] = paired(guided, aligned, all_cats)
+            report(f"{lora} (unguided) against the guided base", results["guided_base"]["vs_loras"][lora])
         if proxy is not None:
             results["proxy"][lora] = paired(base_clip, aligned_clip, all_cats)
             report(f"{lora} ({args.proxy})", results["proxy"][lora])
