@@ -51,7 +51,8 @@ class RWRConfig(ForwardConfig):
     rollout_policy: str = field("policy", "Who draws the rollouts: policy = the model being trained (online RWR, "
                                           "re-tilted every epoch); reference = the frozen initial model (offline "
                                           "RWR, whose fixed point is p_ref exp(r / (tau std_ref(r))): no drift from "
-                                          "fitting its own samples).", choices=("policy", "reference"))
+                                          "fitting its own samples; the logged rollout reward is then the base's).",
+                                choices=("policy", "reference"))
 
     def __post_init__(self):
         super().__post_init__()
