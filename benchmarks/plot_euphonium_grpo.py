@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from plot_grpo_scale import gain  # the paired gain of one LoRA in a bench_lora_gain.py result
+
 RESULTS = Path(__file__).parent / "results"
 STEPS_PER_EPOCH = 8
 RUNS = {  # label: metrics files of its seeds
@@ -43,12 +45,6 @@ def curve(path: Path) -> list[tuple[int, float, float]]:
              if "eval/shapes-geneval" in r]
     base = evals[0][2]
     return [(n, t, acc - base) for n, t, acc in evals]
-
-
-def gain(path: Path, key_end: str) -> tuple[float, float]:
-    loras = json.loads(path.read_text())["loras"]
-    (overall,) = [v["overall"] for k, v in loras.items() if k.endswith(key_end)]
-    return overall["gain"], overall["se"]
 
 
 def main() -> None:
