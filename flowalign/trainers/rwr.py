@@ -15,8 +15,8 @@ The paper leaves the weight's form open (the raw reward or an exponential; Video
 answered); the softmax form is the one whose effective learning rate does not depend on the reward's units.
 With ``rollout_policy: policy`` (the default) the rollouts come from the current policy: online RWR, which tilts
 again by ``exp(r / tau)`` every epoch and has no anchor but fitting its own samples. ``rollout_policy: reference``
-draws them from the frozen initial model (the LoRA switched off) every epoch instead: the offline Flow-RWR of the
-paper, which trains on a fixed data distribution, so its fixed point is the KL-regularised optimum
+draws them from the frozen initial model (the LoRA switched off) every epoch instead: offline RWR, as on a fixed
+dataset of the base's samples, whose fixed point is the KL-regularised optimum
 ``p* ∝ p_ref exp(r / beta_eff)`` with ``beta_eff = tau * std_ref(r)`` (the rewards are standardised per group).
 """
 
