@@ -10,9 +10,10 @@ samples share prompt and noise, the per-sample difference (-1, 0 or +1) gives th
 benchmarks/README.md calls a clear margin. ``--proxy [REWARD]`` also scores the same samples with a training
 reward (default the shapes-clip proxy; for example ``shapes-geneval-soft``), paired the same way, which shows
 whether a run raised the reward it trained on and whether the verifier followed. ``--guided-base SCALE`` also
-samples the base with Euphonium guidance (the shapes-clip gradient, normalised, at that scale, on every step of a
-20-step flow-sde) from the same initial noise and compares each LoRA, sampled without guidance, with it: does the
-trained model reach the guided base without the reward model?
+samples the base with Euphonium guidance (the gradient of ``--guide-reward``, shapes-clip by default or a latent
+reward model, normalised, at that scale, on every step of a 20-step flow-sde) from the same initial noise, compares
+it with the unguided ODE and flow-sde, and compares each LoRA, sampled without guidance, with it: does the trained
+model reach the guided base without the reward model?
 Writes ``results/lora_gain[_TAG].json``.
 """
 
@@ -68,7 +69,8 @@ def paired(base: torch.Tensor, aligned: torch.Tensor, cats: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("loras", nargs="+", help="LoRA folders (a training run's lora/).")
+    ap.add_argument("loras", nargs="*", help="LoRA folders (a training run's lora/); none: only the base (and the "
+                                             "guided base).")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's own, 4).")
     ap.add_argument("--threads", type=int, default=2)
@@ -77,6 +79,9 @@ def main() -> None:
                     help="Also score every sample with this reward, paired (default when given: shapes-clip).")
     ap.add_argument("--guided-base", type=float, default=None, metavar="SCALE",
                     help="Also compare each LoRA (unguided) with the base under Euphonium guidance at this scale.")
+    ap.add_argument("--guide-reward", default="shapes-clip", metavar="REWARD",
+                    help="The guidance's reward: a differentiable pixel reward, or latent:RUN_DIR for a latent reward "
+                         "model trained by `flowalign train configs/reward/...` (default: shapes-clip).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -91,12 +96,19 @@ def main() -> None:
     results = {"prompts": len(prompts), "seeds": args.seeds, "cfg": args.cfg, "loras": {}}
     guided = None
     if args.guided_base is not None:
-        guide = fa.guidance.RewardGuidance(fa.rewards.load("shapes-clip"), scale=args.guided_base, mode="euphonium",
-                                           normalize=True)
+        if args.guide_reward.startswith("latent:"):
+            guide_reward = fa.rewards.load("latent", path=args.guide_reward.removeprefix("latent:"), model=model)
+        else:
+            guide_reward = fa.rewards.load(args.guide_reward)
+        guide = fa.guidance.RewardGuidance(guide_reward, scale=args.guided_base, mode="euphonium", normalize=True)
         guided, _ = score_seeds(model, prompts, args.seeds, args.cfg, None, sampler="flow-sde", guidance=guide)
-        results["guided_base"] = {"scale": args.guided_base, "verifier": paired(base, guided, all_cats),
-                                  "vs_loras": {}}
-        report(f"base with Euphonium guidance, scale {args.guided_base}", results["guided_base"]["verifier"])
+        sde, _ = score_seeds(model, prompts, args.seeds, args.cfg, None, sampler="flow-sde")
+        results["guided_base"] = {"scale": args.guided_base, "reward": args.guide_reward,
+                                  "verifier": paired(base, guided, all_cats),
+                                  "against_unguided_sde": paired(sde, guided, all_cats), "vs_loras": {}}
+        name = f"base with Euphonium guidance ({args.guide_reward}, scale {args.guided_base})"
+        report(f"{name} against the unguided ODE", results["guided_base"]["verifier"])
+        report(f"{name} against the unguided flow-sde (same noise)", results["guided_base"]["against_unguided_sde"])
     if proxy is not None:
         results["proxy"], results["proxy_reward"] = {}, args.proxy
     for lora in args.loras:
