@@ -1,7 +1,7 @@
 """Is an aligned LoRA better than the base on held-out shapes? A paired comparison on the same prompts and noise.
 
     python benchmarks/bench_lora_gain.py RUN/lora [RUN2/lora ...] [--seeds 0 1] [--cfg 4] [--threads 2] [--tag T]
-                                         [--guided-base SCALE] [--proxy [REWARD]]
+                                         [--guided-base SCALE [--guide-reward R]] [--proxy [REWARD]]
 
 Samples every held-out test-split prompt (118) once per noise seed with the base model and with each LoRA loaded,
 from the same initial noise, at 20 ODE steps, and scores them with the exact verifier. Because base and aligned

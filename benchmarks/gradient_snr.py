@@ -36,6 +36,7 @@ A training step of the shapes runs averages ``train_batch_size / group_size`` gr
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import tempfile
 import time
@@ -162,11 +163,11 @@ def dpo_group_gradients(run, algo, epoch: int) -> tuple[list[torch.Tensor], list
             continue
         w, lo = idx[w], idx[lo]
         x0, sub = traj.x0[torch.cat([w, lo])], cond.index(torch.cat([w, lo]))
+        p = len(w)  # the trainer averages over pairs, so a group weighs as many pairs as it has
         loss = 0.0
         for _ in range(cfg.train_timesteps):
-            xt, sigma, target = noised(cfg, x0, local, n=len(w))
+            xt, sigma, target = noised(cfg, x0, local, n=p)
             err = flow_matching_error(model.velocity(xt, sigma, sub, cfg.train_guidance_scale), target)
-            p = len(w)  # the trainer averages over pairs, so a group weighs as many pairs as it has
             loss = loss + p * flow_dpo_loss(err[:p], err[p:], err[:p].detach(), err[p:].detach(), cfg.beta)[0] \
                 / cfg.train_timesteps
         out.append(flat_grad(loss, run.params))
@@ -215,15 +216,13 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     from flowalign.config import load_config
-    from flowalign.trainers.crd import CRD, CRDConfig
-    from flowalign.trainers.d3po import D3PO, D3POConfig
-    from flowalign.trainers.dpo import DPO, DPOConfig
-    from flowalign.trainers.grpo import GRPO, GRPOConfig
+    from flowalign.trainers import TASKS
     from flowalign.trainers.loop import Run
 
     config, group_gradients = ALGOS[args.algo]
-    config_cls, algo_cls = {"grpo": (GRPOConfig, GRPO), "crd": (CRDConfig, CRD), "d3po": (D3POConfig, D3PO),
-                            "dpo": (DPOConfig, DPO)}[args.algo]
+    # each --algo is a training task: its config schema, and its epoch class (GRPO, CRD, D3PO, DPO) in its module
+    config_cls = TASKS[args.algo][0]
+    algo_cls = getattr(importlib.import_module(f"flowalign.trainers.{args.algo}"), args.algo.upper())
     t0 = time.perf_counter()
     grads, rewards = [], []
     with tempfile.TemporaryDirectory() as tmp:
