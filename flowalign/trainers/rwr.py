@@ -18,6 +18,11 @@ again by ``exp(r / tau)`` every epoch and has no anchor but fitting its own samp
 draws them from the frozen initial model (the LoRA switched off) every epoch instead: offline RWR, as on a fixed
 dataset of the base's samples, whose fixed point is the KL-regularised optimum
 ``p* ∝ p_ref exp(r / beta_eff)`` with ``beta_eff = tau * std_ref(r)`` (the rewards are standardised per group).
+
+``pretrain_weight: beta`` adds Lee et al.'s (2023) pretraining-loss term: every optimizer step also fits the
+conditional velocity (CFG 1, as in pretraining) to as many real images as samples, weighted by ``beta``, so the
+policy is anchored to real data rather than to its own samples. On the shapes world the real images are fresh
+ground-truth renders of the training prompts each epoch (``pretrain_data: renders``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 
 from flowalign.config import _require, field, load_config
 from flowalign.functional.dpo import RWR_WEIGHTINGS, flow_matching_error, rwr_weights
+from flowalign.trainers.discriminator import real_pool
 from flowalign.trainers.dpo import ForwardConfig, noised, train_conditioning
 from flowalign.trainers.loop import epoch_metrics, mean, run_task
 
@@ -53,9 +59,17 @@ class RWRConfig(ForwardConfig):
                                           "RWR, whose fixed point is p_ref exp(r / (tau std_ref(r))): no drift from "
                                           "fitting its own samples; the logged rollout reward is then the base's).",
                                 choices=("policy", "reference"))
+    pretrain_weight: float = field(0.0, "beta of the pretraining-loss term (Lee et al. 2023): each optimizer step "
+                                        "adds beta x plain flow matching of the conditional velocity on as many "
+                                        "real images as samples; 0 = off.")
+    pretrain_data: str = field("renders", "Real images of the pretraining term: renders = fresh ground-truth "
+                                          "renders of the training prompts each epoch (shapes world only).",
+                               choices=("renders",))
 
     def __post_init__(self):
         super().__post_init__()
+        _require(self.pretrain_weight >= 0, "pretrain_weight", self.pretrain_weight, "must be >= 0 (0 = off)",
+                 "pretrain_weight=1.0")
         _require(self.temperature > 0, "temperature", self.temperature, "must be > 0", "temperature=1.0")
         _require(self.adv_clip > 0, "adv_clip", self.adv_clip, "must be > 0", "adv_clip=5.0")
 
@@ -80,7 +94,8 @@ class RWR:
         weights = rwr_weights(adv, sample_groups, cfg.temperature, cfg.weighting)
         cond = train_conditioning(model, traj.cond, traj.prompts, cfg.train_guidance_scale)
         x0_all = traj.x0
-        stats: dict[str, list[float]] = {"loss": [], "fm_err": [], "grad_norm": []}
+        real, real_cond = self.real_batch(run, len(rewards), local)
+        stats: dict[str, list[float]] = {"loss": [], "fm_err": [], "pretrain_err": [], "grad_norm": []}
         order = torch.randperm(len(rewards), generator=local)
         for start in range(0, len(order), cfg.train_batch_size):
             mb = order[start:start + cfg.train_batch_size]
@@ -90,15 +105,32 @@ class RWR:
                 with run.autocast():
                     err = flow_matching_error(model.velocity(xt, sigma, sub_cond, cfg.train_guidance_scale), target)
                 loss = (w * err).mean()
+                if real is not None:
+                    xt_r, sigma_r, target_r = noised(cfg, real[mb].to(model.device), local)
+                    with run.autocast():
+                        err_r = flow_matching_error(model.velocity(xt_r, sigma_r, real_cond.index(mb), 1.0),
+                                                    target_r)
+                    loss = loss + cfg.pretrain_weight * err_r.mean()
+                    stats["pretrain_err"].append(err_r.detach().mean().item())
                 run.backward(loss / cfg.train_timesteps)
                 stats["loss"].append(loss.item())
                 stats["fm_err"].append(err.detach().mean().item())
             stats["grad_norm"].append(run.optimizer_step())
         # effective sample size of the weights, as a fraction of the samples (1: uniform weights)
+        pretrain = {"pretrain_err": mean(stats["pretrain_err"])} if real is not None else {}
         ess = (weights.sum() ** 2 / (len(weights) * (weights ** 2).sum())).item()
         return epoch_metrics(all_rewards, t_rollout, time.perf_counter() - t0 - t_rollout, loss=mean(stats["loss"]),
-                             fm_err=mean(stats["fm_err"]), weight_max=weights.max().item(), weight_ess=ess,
+                             fm_err=mean(stats["fm_err"]), **pretrain, weight_max=weights.max().item(), weight_ess=ess,
                              grad_norm=mean(stats["grad_norm"]))
+
+    def real_batch(self, run, n: int, gen: torch.Generator):
+        """``n`` real latents and their conditioning for the pretraining term (``(None, None)`` when it is off)."""
+        if self.cfg.pretrain_weight == 0:
+            return None, None
+        seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+        latents, prompts = real_pool(run, self.cfg.pretrain_data, n, 1.0, run.cfg.num_steps, seed)
+        with torch.no_grad():
+            return latents, run.model.encode(prompts, guidance_scale=1.0)
 
 
 def train_rwr(cfg: RWRConfig, model=None, reward=None) -> dict:
