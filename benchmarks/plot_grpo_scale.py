@@ -39,8 +39,10 @@ def curve(path: Path, groups_per_epoch: int) -> list[tuple[int, float]]:
     return [(n, acc - base) for n, acc in later]
 
 
-def gain(path: Path, key_end: str) -> tuple[float, float]:
-    loras = json.loads(path.read_text())["loras"]
+def gain(path: Path, key_end: str, score: str = "loras") -> tuple[float, float]:
+    """The paired overall gain and its standard error of the LoRA whose path ends with ``key_end`` in a
+    bench_lora_gain.py result: the verifier's (``score="loras"``) or the proxy's (``score="proxy"``)."""
+    loras = json.loads(path.read_text())[score]
     (overall,) = [v["overall"] for k, v in loras.items() if k.endswith(key_end)]
     return overall["gain"], overall["se"]
 
