@@ -67,3 +67,14 @@ def test_gradient_moves_an_object_the_way_the_caption_asks():
 def test_captions_outside_the_world_are_a_clear_error():
     with pytest.raises(ValueError, match="caption"):
         fr.load("shapes-layout")(torch.rand(1, 3, 32, 32), ["a photo of a cat"])
+
+
+def test_shapes_position_scores_only_the_relation():
+    pixels, captions, specs = sd.dataset(60, "train", seed=12)
+    scores = fr.load("shapes-position")(pixels, captions)
+    other = [i for i, s in enumerate(specs) if s.category != "position"]
+    assert other and (scores[other] == 0).all()
+    wrong = [Spec("position", s.objects, relation=FLIP[s.relation]).caption() if s.category == "position"
+             else "a red circle" for s in specs]
+    pos = [i for i, s in enumerate(specs) if s.category == "position"]
+    assert (scores[pos] > fr.load("shapes-position")(pixels[pos], [wrong[i] for i in pos])).float().mean() > 0.85

@@ -2,8 +2,8 @@
 
 Registered names (``available()``): ``clip``, ``pickscore``, ``hps``, ``aesthetic``, ``imagereward``,
 ``jpeg-compressibility``, ``jpeg-incompressibility``,
-``shapes-clip``, ``shapes-geneval``, ``shapes-geneval-partial``, ``shapes-geneval-soft``, ``shapes-layout``,
-``shapes-video``, ``shapes-video-motion``,
+``shapes-clip``, ``shapes-geneval``, ``shapes-geneval-partial``, ``shapes-geneval-soft``,
+``shapes-layout``, ``shapes-position``, ``shapes-video``, ``shapes-video-motion``,
 ``frames``, ``motion``, ``temporal-consistency``, ``videoalign`` (video),
 ``latent`` (a trained noise-aware latent reward: ``path=RUN_DIR``). Heavy model code is imported when a reward is built.
 """
@@ -25,7 +25,7 @@ from flowalign.rewards.pickscore import PickScore
 from flowalign.rewards.preprocess import resize_and_normalize
 from flowalign.rewards.shapes import ShapesPartialVerifier, ShapesVerifier  # noqa: F401  (registers both)
 from flowalign.rewards.shapes_clip import ShapesClip
-from flowalign.rewards.shapes_layout import ShapesLayout
+from flowalign.rewards.shapes_layout import ShapesLayout, ShapesPosition
 from flowalign.rewards.shapes_soft import ShapesSoftVerifier
 from flowalign.rewards.shapes_video import (  # noqa: F401  (registers "shapes-video", "shapes-video-motion")
     ShapesVideoMotion,
@@ -36,8 +36,8 @@ from flowalign.rewards.video import FrameReward, MotionReward, TemporalConsisten
 __all__ = [
     "AestheticMLP", "BackboneLatentReward", "CLIPScore", "ClipBackbone", "FrameReward", "HPSv2", "ImageReward",
     "JpegCompressibility", "JpegIncompressibility", "LaionAesthetic", "LatentReward", "LatentRewardNet",
-    "MotionReward", "MultiReward", "PickScore", "Reward", "ShapesClip", "ShapesLayout", "ShapesSoftVerifier",
-    "ShapesVideoMotion", "ShapesVideoVerifier",
+    "MotionReward", "MultiReward", "PickScore", "Reward", "ShapesClip", "ShapesLayout", "ShapesPosition",
+    "ShapesSoftVerifier", "ShapesVideoMotion", "ShapesVideoVerifier",
     "TemporalConsistency",
     "TrainableLatentReward", "VideoAlignReward", "VideoReward", "available", "check_scores",
     "jpeg_size_kb", "load", "load_latent_reward", "register", "resize_and_normalize",

@@ -20,7 +20,8 @@ The score (0 at best, negative otherwise; in "objects' worth of error") adds thr
   ``margin`` of the side along that axis, and more along than across it, as the renderer places them; the
   shortfalls, in units of the side, through a softplus at ``temperature``, divided by ``margin``.
 
-It says nothing about shape or count: pair it with ``shapes-clip`` (``MultiReward``) when those matter. It is a
+``colour_weight`` and ``position_weight`` weigh the colour penalties and the position one. It says nothing about
+shape or count: pair it with ``shapes-clip`` (``MultiReward``) when those matter. It is a
 guidance and training signal; accuracy is still reported with ``shapes-geneval``.
 """
 
@@ -57,9 +58,10 @@ class ShapesLayout(Reward):
     differentiable = True
 
     def __init__(self, min_area: float = 0.02, margin: float = 0.2, temperature: float = 0.02,
-                 residual_scale: float = 40.0):
+                 residual_scale: float = 40.0, colour_weight: float = 1.0, position_weight: float = 1.0):
         super().__init__()
         self.min_area, self.margin, self.temperature = min_area, margin, temperature
+        self.colour_weight, self.position_weight = colour_weight, position_weight
         self.residual_scale = residual_scale
         self.colour_index = {c: i for i, c in enumerate(COLORS)}
 
@@ -90,4 +92,16 @@ class ShapesLayout(Reward):
             t = self.temperature
             short = F.softplus((self.margin - along) / t) * t + F.softplus((across.abs() - along) / t) * t
             position[i] = short / self.margin
-        return -(missing + extra + position)
+        return -(self.colour_weight * (missing + extra) + self.position_weight * position)
+
+
+@register("shapes-position")
+class ShapesPosition(ShapesLayout):
+    """Only the position penalty of :class:`ShapesLayout` (``colour_weight=0``): on the bundled base most position
+    failures have the right objects on the wrong side, and guiding the early steps with this term alone moves
+    them."""
+
+    name = "shapes-position"
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"colour_weight": 0.0, **kwargs})
