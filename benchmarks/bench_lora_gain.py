@@ -1,7 +1,8 @@
 """Is an aligned LoRA better than the base on held-out shapes? A paired comparison on the same prompts and noise.
 
     python benchmarks/bench_lora_gain.py RUN/lora [RUN2/lora ...] [--seeds 0 1] [--cfg 4] [--threads 2] [--tag T]
-                                         [--guided-base SCALE [--guide-reward R]] [--proxy [REWARD]]
+                                         [--guided-base SCALE [--guide-reward R] [--guide-window START END]]
+                                         [--proxy [REWARD]]
 
 Samples every held-out test-split prompt (118) once per noise seed with the base model and with each LoRA loaded,
 from the same initial noise, at 20 ODE steps, and scores them with the exact verifier. Because base and aligned
@@ -11,9 +12,9 @@ benchmarks/README.md calls a clear margin. ``--proxy [REWARD]`` also scores the 
 reward (default the shapes-clip proxy; for example ``shapes-geneval-soft``), paired the same way, which shows
 whether a run raised the reward it trained on and whether the verifier followed. ``--guided-base SCALE`` also
 samples the base with Euphonium guidance (the gradient of ``--guide-reward``, shapes-clip by default or a latent
-reward model, normalised, at that scale, on every step of a 20-step flow-sde) from the same initial noise, compares
-it with the unguided ODE and flow-sde, and compares each LoRA, sampled without guidance, with it: does the trained
-model reach the guided base without the reward model?
+reward model, normalised, at that scale, on every step of a 20-step flow-sde or on ``--guide-window``'s) from the
+same initial noise, compares it with the unguided ODE and flow-sde, and compares each LoRA, sampled without
+guidance, with it: does the trained model reach the guided base without the reward model?
 Writes ``results/lora_gain[_TAG].json``.
 """
 
@@ -82,6 +83,8 @@ def main() -> None:
     ap.add_argument("--guide-reward", default="shapes-clip", metavar="REWARD",
                     help="The guidance's reward: a differentiable pixel reward, or latent:RUN_DIR for a latent reward "
                          "model trained by `flowalign train configs/reward/...` (default: shapes-clip).")
+    ap.add_argument("--guide-window", type=int, nargs=2, default=None, metavar=("START", "END"),
+                    help="Guide only steps [START, END) of the 20 (default: every step); e.g. 0 8 for the layout.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -100,10 +103,12 @@ def main() -> None:
             guide_reward = fa.rewards.load("latent", path=args.guide_reward.removeprefix("latent:"), model=model)
         else:
             guide_reward = fa.rewards.load(args.guide_reward)
-        guide = fa.guidance.RewardGuidance(guide_reward, scale=args.guided_base, mode="euphonium", normalize=True)
+        window = tuple(args.guide_window) if args.guide_window else None
+        guide = fa.guidance.RewardGuidance(guide_reward, scale=args.guided_base, mode="euphonium", normalize=True,
+                                           window=window)
         guided, _ = score_seeds(model, prompts, args.seeds, args.cfg, None, sampler="flow-sde", guidance=guide)
         sde, _ = score_seeds(model, prompts, args.seeds, args.cfg, None, sampler="flow-sde")
-        results["guided_base"] = {"scale": args.guided_base, "reward": args.guide_reward,
+        results["guided_base"] = {"scale": args.guided_base, "reward": args.guide_reward, "window": window,
                                   "verifier": paired(base, guided, all_cats),
                                   "against_unguided_sde": paired(sde, guided, all_cats), "vs_loras": {}}
         name = f"base with Euphonium guidance ({args.guide_reward}, scale {args.guided_base})"
