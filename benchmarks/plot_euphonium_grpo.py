@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from plot_grpo_scale import gain  # the paired gain of one LoRA in a bench_lora_gain.py result
+from plot_grpo_scale import gain, save  # a LoRA's paired gain in a bench_lora_gain.py result; figure + data
 
 RESULTS = Path(__file__).parent / "results"
 STEPS_PER_EPOCH = 8
@@ -76,9 +76,7 @@ def main() -> None:
     for ax in (by_step, by_time, paired):
         ax.axhline(0, color="grey", lw=0.8)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "euphonium_grpo_v3.png", dpi=110)
-    (RESULTS / "euphonium_grpo_v3.json").write_text(json.dumps({"curves": curves, "gains": gains}, indent=1))
+    save(fig, "euphonium_grpo_v3", {"curves": curves, "gains": gains})
     print(json.dumps(gains, indent=1))
 
 

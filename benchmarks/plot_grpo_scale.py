@@ -47,6 +47,13 @@ def gain(path: Path, key_end: str, score: str = "loras") -> tuple[float, float]:
     return overall["gain"], overall["se"]
 
 
+def save(fig, name: str, record: dict) -> None:
+    """Write a plot script's figure and data: ``results/<name>.png`` and ``results/<name>.json``."""
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1))
+
+
 def main() -> None:
     import matplotlib
 
@@ -72,9 +79,7 @@ def main() -> None:
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks([1e3, 3e3, 1e4, 3e4], ["1,000", "3,000", "10,000", "30,000"])
         ax.minorticks_off()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "grpo_scale.png", dpi=110)
-    (RESULTS / "grpo_scale.json").write_text(json.dumps({"curves": curves, "gains": gains}, indent=1))
+    save(fig, "grpo_scale", {"curves": curves, "gains": gains})
     print(json.dumps(gains, indent=1))
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from plot_grpo_scale import gain  # the paired gain of one LoRA in a bench_lora_gain.py result
+from plot_grpo_scale import gain, save  # a LoRA's paired gain in a bench_lora_gain.py result; figure + data
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = {  # label: (colour, [(metrics file, bench_lora_gain file, LoRA key ending)])
@@ -82,9 +82,7 @@ def main() -> None:
         for ax in (by_step, by_time, paired):
             ax.axhline(0, color="grey", lw=0.8)
         by_step.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "more_rl_v3.png", dpi=100)
-    (RESULTS / "more_rl_v3.json").write_text(json.dumps(record, indent=1))
+    save(fig, "more_rl_v3", record)
     for name, runs in record.items():
         for label, entry in runs.items():
             if "gain" in entry:
