@@ -255,7 +255,12 @@ def relation_holds(a: Detection, b: Detection, relation: str, size: float, margi
 def relation_offsets(a: Detection, b: Detection, relation: str) -> tuple[float, float]:
     """The offset of ``a``'s centre from ``b``'s along ``relation``'s direction (positive where it holds) and
     across it."""
-    dx, dy = a.x - b.x, a.y - b.y
+    return relation_axes(a.x - b.x, a.y - b.y, relation)
+
+
+def relation_axes(dx, dy, relation: str):
+    """``(along, across)``: the offset ``(dx, dy)`` of A's centre from B's (image axes, y down; floats or tensors)
+    along ``relation``'s direction, positive where it holds, and across it."""
     return {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[relation]
 
 

@@ -21,8 +21,8 @@ The score (0 at best, negative otherwise; in "objects' worth of error") adds thr
   shortfalls, in units of the side, through a softplus at ``temperature``, divided by ``margin``.
 
 ``colour_weight`` and ``position_weight`` weigh the colour penalties and the position one. It says nothing about
-shape or count: pair it with ``shapes-clip`` (``MultiReward``) when those matter. It is a
-guidance and training signal; accuracy is still reported with ``shapes-geneval``.
+shape or count: pair it with ``shapes-clip`` (``MultiReward``) when those matter. It is a guidance and training
+signal; accuracy is still reported with ``shapes-geneval``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from flowalign.rewards.base import Reward, register
-from flowalign.rewards.shapes import parse_caption
+from flowalign.rewards.shapes import parse_caption, relation_axes
 from flowalign.zoo.shapes_data import COLORS
 
 
@@ -86,9 +86,7 @@ class ShapesLayout(Reward):
             if spec.category != "position" or spec.objects[0].color == spec.objects[1].color:
                 continue
             ia, ib = (self.colour_index[o.color] for o in spec.objects)
-            dx, dy = cx[i, ia] - cx[i, ib], cy[i, ia] - cy[i, ib]
-            along, across = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx),
-                             "below": (dy, dx)}[spec.relation]
+            along, across = relation_axes(cx[i, ia] - cx[i, ib], cy[i, ia] - cy[i, ib], spec.relation)
             t = self.temperature
             short = F.softplus((self.margin - along) / t) * t + F.softplus((across.abs() - along) / t) * t
             position[i] = short / self.margin
