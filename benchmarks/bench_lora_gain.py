@@ -2,7 +2,7 @@
 
     python benchmarks/bench_lora_gain.py RUN/lora [RUN2/lora ...] [--seeds 0 1] [--cfg 4] [--threads 2] [--tag T]
                                          [--guided-base SCALE [--guide-reward R] [--guide-window START END]]
-                                         [--proxy [REWARD]]
+                                         [--proxy [REWARD]] [--prompts FILE [--repeat N]]
 
 Samples every held-out test-split prompt (118) once per noise seed with the base model and with each LoRA loaded,
 from the same initial noise, at 20 ODE steps, and scores them with the exact verifier. Because base and aligned
@@ -14,7 +14,8 @@ whether a run raised the reward it trained on and whether the verifier followed.
 samples the base with Euphonium guidance (the gradient of ``--guide-reward``, shapes-clip by default or a latent
 reward model, normalised, at that scale, on every step of a 20-step flow-sde or on ``--guide-window``'s) from the
 same initial noise, compares it with the unguided ODE and flow-sde, and compares each LoRA, sampled without
-guidance, with it: does the trained model reach the guided base without the reward model?
+guidance, with it: does the trained model reach the guided base without the reward model? ``--prompts FILE``
+scores the file's captions, each ``--repeat`` times per seed, instead of the split (runs trained on those captions).
 Writes ``results/lora_gain[_TAG].json``.
 """
 
@@ -85,13 +86,22 @@ def main() -> None:
                          "model trained by `flowalign train configs/reward/...` (default: shapes-clip).")
     ap.add_argument("--guide-window", type=int, nargs=2, default=None, metavar=("START", "END"),
                     help="Guide only steps [START, END) of the 20 (default: every step); e.g. 0 8 for the layout.")
+    ap.add_argument("--prompts", default=None, help="A text file of captions (one per line) to score instead of the "
+                                                    "test split, each --repeat times per seed (own noise each).")
+    ap.add_argument("--repeat", type=int, default=12, help="Samples of each --prompts caption per seed (default 12).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     import flowalign as fa
     from flowalign.evaluation import shapes_prompts
 
-    prompts, cats = shapes_prompts("test", 50, seed=0)  # 50 per category: the whole split, 118 prompts
+    if args.prompts:
+        from flowalign.trainers.data import load_prompts
+
+        prompts = [p for p in load_prompts(args.prompts) for _ in range(args.repeat)]
+        cats = ["prompts"] * len(prompts)
+    else:
+        prompts, cats = shapes_prompts("test", 50, seed=0)  # 50 per category: the whole split, 118 prompts
     model = fa.load_model("shapes-sd3")
     proxy = fa.rewards.load(args.proxy) if args.proxy else None
     base, base_clip = score_seeds(model, prompts, args.seeds, args.cfg, proxy)

@@ -1,0 +1,92 @@
+"""Euphonium against Flow-GRPO on 8 position prompts (``benchmarks/position8_race.sh``): verifier accuracy against
+optimizer steps and wall time, mean and spread over seeds, and the steps each run needs to reach a threshold.
+
+    python benchmarks/plot_position8_race.py [RUN_ROOT]
+
+Reads ``RUN_ROOT/{grpo,euphonium}_seed*/metrics.jsonl`` (default: the committed copies,
+``results/position8_race/{grpo,euphonium}_seed*_metrics.jsonl``) and, for the thresholds, the guided base from
+``results/lora_gain_position8.json`` (``bench_lora_gain.py --prompts benchmarks/prompts/position8.txt
+--guided-base 30 --guide-reward shapes-position --guide-window 0 8``). The thresholds were fixed before the runs:
+the guided base's accuracy on these captions (the issue's "trained model without guidance reaches the base with
+guidance"), and halfway from the base to it. A run reaches a threshold at its first evaluation at or above it.
+Writes ``results/position8_race.png`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from plot_grpo_scale import save  # figure + data
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = {"euphonium": "tab:purple", "grpo": "tab:orange"}
+STEPS_PER_EPOCH = 8  # 32 groups x 8 samples per epoch, train batches of 32
+
+
+def runs(root: Path | None, method: str) -> list[list[tuple[int, float, float]]]:
+    """Each seed's (optimizer steps, training seconds, verifier accuracy) at every evaluation."""
+    files = (sorted(root.glob(f"{method}_seed*/metrics.jsonl")) if root else
+             sorted((RESULTS / "position8_race").glob(f"{method}_seed*_metrics.jsonl")))
+    out = []
+    for f in files:
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        out.append([(r["epoch"] * STEPS_PER_EPOCH, r.get("time/total_s", 0.0), r["eval/shapes-geneval"])
+                    for r in rows if "eval/shapes-geneval" in r])
+    return out
+
+
+def first_reach(points: list[tuple[int, float, float]], threshold: float) -> tuple[int, float] | None:
+    """(steps, seconds) of the first evaluation at or above ``threshold``; None if never."""
+    return next(((n, t) for n, t, acc in points if acc >= threshold - 1e-9), None)
+
+
+def main() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    data = {m: runs(root, m) for m in METHODS}
+    gain_file = RESULTS / "lora_gain_position8.json"
+    guided = base = None
+    if gain_file.exists():
+        g = json.loads(gain_file.read_text())["guided_base"]["verifier"]["overall"]
+        base, guided = g["base"], g["aligned"]
+    thresholds = {} if guided is None else {"guided base": guided, "halfway": (base + guided) / 2}
+    record: dict = {"thresholds": thresholds, "base": base, "runs": data, "reached": {}}
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, colour in METHODS.items():
+        seeds = data[method]
+        for points in seeds:
+            steps, seconds, acc = zip(*points)
+            style = dict(color=colour, alpha=0.35, lw=1)
+            by_step.plot(steps, acc, **style)
+            by_time.plot([s / 60 for s in seconds], acc, **style)
+        if seeds:
+            n = min(len(p) for p in seeds)
+            steps = [seeds[0][k][0] for k in range(n)]
+            mean = [statistics.mean(p[k][2] for p in seeds) for k in range(n)]
+            minutes = [statistics.mean(p[k][1] for p in seeds) / 60 for k in range(n)]
+            label = f"{method} (mean of {len(seeds)} seeds)"
+            by_step.plot(steps, mean, "o-", color=colour, ms=3, label=label)
+            by_time.plot(minutes, mean, "o-", color=colour, ms=3, label=label)
+        record["reached"][method] = {name: [first_reach(p, th) for p in seeds] for name, th in thresholds.items()}
+    for name, th in thresholds.items():
+        for ax in (by_step, by_time):
+            ax.axhline(th, color="grey", ls="--" if name == "guided base" else ":", lw=1,
+                       label=f"{name} ({th:.3f})")
+    by_step.set(xlabel="optimizer steps", ylabel="verifier accuracy, 96 samples, no guidance",
+                title="8 position captions: Euphonium vs Flow-GRPO")
+    by_time.set(xlabel="training wall time, minutes (one core per run)", title="Against wall time")
+    for ax in (by_step, by_time):
+        ax.legend(fontsize=7)
+    save(fig, "position8_race", record)
+    print(json.dumps(record["reached"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
