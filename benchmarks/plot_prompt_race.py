@@ -1,15 +1,16 @@
-"""Euphonium against Flow-GRPO on 8 position prompts (``benchmarks/position8_race.sh``): verifier accuracy against
-optimizer steps and wall time, mean and spread over seeds, and the steps each run needs to reach a threshold.
+"""Euphonium against Flow-GRPO on a few captions (``benchmarks/prompt_race.sh``): verifier accuracy against
+optimizer steps and wall time, each seed and the mean over seeds, and the steps each run needs to reach a threshold.
 
-    python benchmarks/plot_position8_race.py [RUN_ROOT]
+    python benchmarks/plot_prompt_race.py NAME [RUN_ROOT]
 
 Reads ``RUN_ROOT/{grpo,euphonium}_seed*/metrics.jsonl`` (default: the committed copies,
-``results/position8_race/{grpo,euphonium}_seed*_metrics.jsonl``) and, for the thresholds, the guided base from
-``results/lora_gain_position8.json`` (``bench_lora_gain.py --prompts benchmarks/prompts/position8.txt
---guided-base 30 --guide-reward shapes-position --guide-window 0 8``). The thresholds were fixed before the runs:
-the guided base's accuracy on these captions (the issue's "trained model without guidance reaches the base with
-guidance"), and halfway from the base to it. A run reaches a threshold at its first evaluation at or above it.
-Writes ``results/position8_race.png`` and ``.json``.
+``results/prompt_race_NAME/{grpo,euphonium}_seed*_metrics.jsonl``) and, for the thresholds, the base and the guided
+base on the same samples from ``results/lora_gain_prompt_race_NAME.json`` (``bench_lora_gain.py --prompts PROMPTS
+--repeat 96/n --seeds 12345 12346 12347 --guided-base 30 --guide-reward shapes-position --guide-window 0 8``: a
+run of seed s evaluates on noise seed s + 12345, so these are its epoch-0 samples). The thresholds were fixed
+before the runs: the guided base's accuracy (the issue's "the trained model without guidance reaches the base
+with guidance") and halfway from the base to it. A run reaches a threshold at its first evaluation at or above it.
+Writes ``results/prompt_race_NAME.png`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ METHODS = {"euphonium": "tab:purple", "grpo": "tab:orange"}
 STEPS_PER_EPOCH = 8  # 32 groups x 8 samples per epoch, train batches of 32
 
 
-def runs(root: Path | None, method: str) -> list[list[tuple[int, float, float]]]:
+def runs(name: str, root: Path | None, method: str) -> list[list[tuple[int, float, float]]]:
     """Each seed's (optimizer steps, training seconds, verifier accuracy) at every evaluation."""
     files = (sorted(root.glob(f"{method}_seed*/metrics.jsonl")) if root else
-             sorted((RESULTS / "position8_race").glob(f"{method}_seed*_metrics.jsonl")))
+             sorted((RESULTS / f"prompt_race_{name}").glob(f"{method}_seed*_metrics.jsonl")))
     out = []
     for f in files:
         rows = [json.loads(line) for line in f.read_text().splitlines()]
@@ -49,9 +50,10 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else None
-    data = {m: runs(root, m) for m in METHODS}
-    gain_file = RESULTS / "lora_gain_position8.json"
+    name = sys.argv[1]
+    root = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+    data = {m: runs(name, root, m) for m in METHODS}
+    gain_file = RESULTS / f"lora_gain_prompt_race_{name}.json"
     guided = base = None
     if gain_file.exists():
         g = json.loads(gain_file.read_text())["guided_base"]["verifier"]["overall"]
@@ -80,11 +82,11 @@ def main() -> None:
             ax.axhline(th, color="grey", ls="--" if name == "guided base" else ":", lw=1,
                        label=f"{name} ({th:.3f})")
     by_step.set(xlabel="optimizer steps", ylabel="verifier accuracy, 96 samples, no guidance",
-                title="8 position captions: Euphonium vs Flow-GRPO")
+                title=f"Euphonium vs Flow-GRPO on the {name} captions")
     by_time.set(xlabel="training wall time, minutes (one core per run)", title="Against wall time")
     for ax in (by_step, by_time):
         ax.legend(fontsize=7)
-    save(fig, "position8_race", record)
+    save(fig, f"prompt_race_{name}", record)
     print(json.dumps(record["reached"], indent=1))
 
 
