@@ -96,6 +96,8 @@ def test_config_validation():
             load_config(D3POConfig, bad)
     with pytest.raises(ConfigError, match="sampler"):
         load_config(D3POConfig, {"sampler": "ode"})
+    with pytest.raises(ConfigError, match="sde_window_size"):
+        load_config(D3POConfig, {"num_steps": 4, "sde_window_size": 5})
     assert load_config(D3POConfig, {}).group_size == 2
 
 
@@ -136,6 +138,31 @@ def test_reward_preferences_train_every_lora_parameter_from_shared_noise(tmp_pat
     assert [r["train/pairs"] for r in rec] == [1, 2] and all(math.isfinite(r["train/loss"]) for r in rec)
     assert rec[0]["train/first_ratio_dev"] < 1e-5  # the first step is at the reference: ratio 1
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_an_sde_window_makes_pairs_branch_only_there_and_trains_only_its_steps(tmp_path, monkeypatch):
+    import flowalign as fa
+    from flowalign.sampling import sampler
+
+    seen, trained = [], []
+    orig_sample, orig_log_prob = fa.sample, sampler.log_prob
+
+    def spy_sample(*a, **k):
+        traj = orig_sample(*a, **k)
+        x = traj.latents[:, 1].reshape(-1, 2, *traj.latents.shape[2:])  # after step 0, the window
+        seen.append((traj.stochastic.nonzero().flatten().tolist(), bool((x[:, 0] != x[:, 1]).any())))
+        return traj
+
+    def spy_log_prob(model, traj, steps=None, **k):
+        trained.extend(steps)
+        return orig_log_prob(model, traj, steps=steps, **k)
+
+    monkeypatch.setattr(fa, "sample", spy_sample)
+    monkeypatch.setattr(sampler, "log_prob", spy_log_prob)
+    cfg = _tiny(tmp_path, sde_window_size=1, sde_window_range=0.1)
+    train_d3po(cfg, model=fa.load_model("tiny-sd3"))
+    assert seen and all(steps == [0] and branched for steps, branched in seen)  # one stochastic step, at 0
+    assert trained and set(trained) == {0}
 
 
 def test_opposed_rewards_give_no_pareto_pair_and_no_update(tmp_path):

@@ -22,6 +22,7 @@ import torch
 
 from flowalign.config import ConfigError, _require, field, load_config
 from flowalign.functional.d3po import d3po_loss, preference_pairs
+from flowalign.trainers.grpo import sde_window
 from flowalign.trainers.loop import TrainConfig, epoch_metrics, mean, run_task
 
 SDE_SAMPLERS = ("flow-sde", "dance-sde", "cps")
@@ -39,6 +40,10 @@ class D3POConfig(TrainConfig):
     sampler: str = field("flow-sde", "Stochastic rollout sampler; its exact per-step log-probs give the ratios.",
                          choices=SDE_SAMPLERS)
     eta: float | None = field(None, "Sampler noise level; null = its default (0.7 flow-sde, 0.3 dance-sde, 0.8 cps).")
+    sde_window_size: int = field(0, "Only this many consecutive steps are stochastic and trained, the rest ODE "
+                                    "(Flow-GRPO-Fast's window; 0: every step, as D3PO). With same_noise and a "
+                                    "window at the start, a pair differs only through the window's steps.")
+    sde_window_range: float = field(0.5, "The window starts at random within this leading fraction of the steps.")
     same_noise: bool = field(True, "Start all samples of a prompt from one initial noise (D3PO), so they differ "
                                    "only by the SDE noise.")
     rewards: list[str] = field([], "Several rewards for Pareto preferences: a sample is preferred when it is at "
@@ -68,6 +73,8 @@ class D3POConfig(TrainConfig):
         _require(0 < self.timestep_fraction <= 1, "timestep_fraction", self.timestep_fraction, "must lie in (0, 1]",
                  "timestep_fraction=0.5")
         _require(self.inner_epochs >= 1, "inner_epochs", self.inner_epochs, "must be >= 1", "inner_epochs=1")
+        _require(0 <= self.sde_window_size <= self.num_steps, "sde_window_size", self.sde_window_size,
+                 f"must lie in [0, num_steps={self.num_steps}]", "sde_window_size=2")
         _require(self.eta is None or self.eta > 0, "eta", self.eta, "must be > 0 (D3PO needs a stochastic sampler)",
                  "eta=0.7")
         _require(len(set(self.rewards)) == len(self.rewards), "rewards", self.rewards, "must not repeat a reward",
@@ -201,7 +208,8 @@ class D3PO:
         cfg = self.cfg
         prompts, groups = run.epoch_prompts(shared)
         t0 = time.perf_counter()
-        traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta, same_noise_per_prompt=cfg.same_noise)
+        traj = run.rollout(prompts, local, sampler=cfg.sampler, eta=cfg.eta, sde_window=sde_window(cfg, shared),
+                           same_noise_per_prompt=cfg.same_noise)
         scores = self.score(run, traj)
         t_rollout = time.perf_counter() - t0
         winners, losers = preference_pairs(scores, groups.repeat_interleave(cfg.group_size))

@@ -62,8 +62,9 @@ class GRPOConfig(TrainConfig):
         _require(self.inner_epochs >= 1, "inner_epochs", self.inner_epochs, "must be >= 1", "inner_epochs=1")
 
 
-def sde_window(cfg: GRPOConfig, gen: torch.Generator) -> tuple[int, int] | None:
-    """Fast mode's stochastic window ``[start, start + size)`` for one epoch, or None (every step)."""
+def sde_window(cfg, gen: torch.Generator) -> tuple[int, int] | None:
+    """Fast mode's stochastic window ``[start, start + size)`` for one epoch, or None (every step); ``cfg`` is any
+    config with ``num_steps``, ``sde_window_size`` and ``sde_window_range`` (GRPO's, D3PO's)."""
     if cfg.sde_window_size == 0:
         return None
     last_start = max(0, min(cfg.num_steps - cfg.sde_window_size, int(cfg.sde_window_range * cfg.num_steps) - 1))
