@@ -15,16 +15,15 @@ Writes ``results/prompt_race_NAME.png`` and ``.json``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 from plot_grpo_scale import save  # figure + data
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {"euphonium": "tab:purple", "grpo": "tab:orange"}
-STEPS_PER_EPOCH = 8  # 32 groups x 8 samples per epoch, train batches of 32
 
 
 def runs(name: str, root: Path | None, method: str) -> list[list[tuple[int, float, float]]]:
@@ -34,7 +33,7 @@ def runs(name: str, root: Path | None, method: str) -> list[list[tuple[int, floa
     out = []
     for f in files:
         rows = [json.loads(line) for line in f.read_text().splitlines()]
-        out.append([(r["epoch"] * STEPS_PER_EPOCH, r.get("time/total_s", 0.0), r["eval/shapes-geneval"])
+        out.append([(r["step"], r.get("time/total_s", 0.0), r["eval/shapes-geneval"])
                     for r in rows if "eval/shapes-geneval" in r])
     return out
 
@@ -50,8 +49,11 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    name = sys.argv[1]
-    root = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("name", help="the race's name: one_position, position8, ...")
+    ap.add_argument("root", nargs="?", type=Path, help="its run folder (default: the committed copies)")
+    args = ap.parse_args()
+    name, root = args.name, args.root
     data = {m: runs(name, root, m) for m in METHODS}
     gain_file = RESULTS / f"lora_gain_prompt_race_{name}.json"
     guided = base = None
