@@ -96,8 +96,9 @@ def test_config_validation():
             load_config(D3POConfig, bad)
     with pytest.raises(ConfigError, match="sampler"):
         load_config(D3POConfig, {"sampler": "ode"})
-    with pytest.raises(ConfigError, match="sde_window_size"):
-        load_config(D3POConfig, {"num_steps": 4, "sde_window_size": 5})
+    for bad in ({"num_steps": 4, "sde_window_size": 5}, {"labels": "x", "sde_window_size": 3}):
+        with pytest.raises(ConfigError, match="sde_window_size"):
+            load_config(D3POConfig, bad)
     assert load_config(D3POConfig, {}).group_size == 2
 
 

@@ -81,6 +81,9 @@ class D3POConfig(TrainConfig):
                  "rewards=[shapes-clip,jpeg-compressibility]")
         _require(self.max_logprob_gap > 0, "max_logprob_gap", self.max_logprob_gap, "must be > 0",
                  "max_logprob_gap=0.05")
+        _require(not (self.labels and self.sde_window_size), "sde_window_size", self.sde_window_size,
+                 "must be 0 when `labels` gives human preferences (the labelled trajectories keep the steps they "
+                 "were sampled with)", "sde_window_size=0")
         _require(not (self.labels and self.rewards), "rewards", self.rewards, "must be empty when `labels` gives "
                  "human preferences", "rewards=[]")
 
